@@ -1,0 +1,202 @@
+//! The bundled MQTT broker of the embedded profile: RMQTT running inside the iothub process.
+//!
+//! RMQTT is composed from its plugin crates exactly the way an operator would deploy an EMQX-4-style
+//! broker next to iothub, so the embedded profile exercises the same contracts as production:
+//! - `rmqtt-auth-http` asks iothub's `/broker/rmqtt/auth|acl` hooks for every connect, subscribe and
+//!   (uncached) publish, sending the hook token as HTTP Basic credentials;
+//! - `rmqtt-acl` holds a single `["deny", "all"]` rule, so whatever the hooks do not allow (including
+//!   "ignore" answers, non-2xx statuses and transport errors) is refused: fail-closed;
+//! - `rmqtt-http-api` (loopback, bearer token) is what iothub's broker adapter publishes and kicks through;
+//! - `rmqtt-web-hook` carries broker events to iothub; `rmqtt-retainer` keeps retained messages in memory.
+//!
+//! RMQTT has no stop API (its server loop and several plugins run forever), so each broker gets its own
+//! tokio runtime and everything RMQTT spawns lives there; [`EmbeddedBroker::stop`] closes the listener,
+//! kicks the sessions and then shuts that runtime down. RMQTT keeps no process-wide singletons in the
+//! library crates, so several brokers can run in one process (the test suite relies on this).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use rmqtt::context::ServerContext;
+use rmqtt::net::Builder;
+use rmqtt::server::MqttServer;
+use rmqtt::types::Id;
+
+pub struct EmbeddedBrokerSettings {
+    pub mqtt_listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    /// Base URL of this iothub instance's hooks, e.g. `http://127.0.0.1:8080`.
+    pub hooks_base_url: String,
+    pub hook_token: String,
+    /// Bearer token protecting the broker's http-api.
+    pub api_token: String,
+}
+
+/// Username RMQTT presents (as HTTP Basic user) when calling iothub's hooks.
+const HOOK_USER: &str = "rmqtt";
+
+/// A TOML basic string (JSON string escapes are valid TOML escapes).
+fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+fn hook_url(base: &str, path: &str, with_credentials: Option<&str>) -> anyhow::Result<url::Url> {
+    let raw = format!("{}{path}", base.trim_end_matches('/'));
+    let mut url = url::Url::parse(&raw).with_context(|| format!("hook URL {raw}"))?;
+    if let Some(token) = with_credentials {
+        url.set_username(HOOK_USER).map_err(|_| anyhow!("hook URL cannot carry credentials"))?;
+        url.set_password(Some(token)).map_err(|_| anyhow!("hook URL cannot carry credentials"))?;
+    }
+    Ok(url)
+}
+
+fn basic_auth(token: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{HOOK_USER}:{token}")))
+}
+
+/// Plugin configurations, as the TOML each plugin would read from `plugins/{name}.toml`.
+fn plugin_configs(s: &EmbeddedBrokerSettings) -> anyhow::Result<Vec<(&'static str, String)>> {
+    // Two-element rule = every action including CONNECT.
+    let acl = "disconnect_if_pub_rejected = true\nrules = [[\"deny\", \"all\"]]\n".to_string();
+    let auth_http = format!(
+        r#"http_timeout = "5s"
+deny_if_error = true
+disconnect_if_pub_rejected = true
+disconnect_if_expiry = true
+priority = 100
+http_headers = {{ "accept" = "application/json", "authorization" = {authz} }}
+http_auth_req.url = {auth}
+http_auth_req.method = "post"
+http_auth_req.headers = {{ "content-type" = "application/json" }}
+http_auth_req.params = {{ clientid = "%c", username = "%u", password = "%P", ipaddr = "%a", protocol = "%r" }}
+http_acl_req.url = {acl}
+http_acl_req.method = "post"
+http_acl_req.headers = {{ "content-type" = "application/json" }}
+http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr = "%a", topic = "%t", protocol = "%r" }}
+"#,
+        authz = toml_str(&basic_auth(&s.hook_token)),
+        auth = toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/auth", None)?.as_str()),
+        acl = toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/acl", None)?.as_str()),
+    );
+    // web-hook cannot send headers: the token rides as URL userinfo, which becomes Basic auth on the wire.
+    // Event rules are added with the webhook receiver; until then the plugin forwards nothing.
+    let web_hook = format!(
+        "queue_capacity = 100000\nconcurrency_limit = 64\nhttp_timeout = \"5s\"\nretry_max_elapsed_time = \"60s\"\nretry_multiplier = 2.5\nurls = [{}]\n",
+        toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/webhook", Some(&s.hook_token))?.as_str())
+    );
+    let http_api = format!(
+        "http_laddr = {}\nhttp_reuseaddr = true\nmessage_expiry_interval = \"5m\"\nhttp_bearer_token = {}\n",
+        toml_str(&s.api_listen.to_string()),
+        toml_str(&s.api_token)
+    );
+    let retainer = "storage.type = \"ram\"\nmax_retained_messages = 0\nmax_payload_size = \"1MB\"\n".to_string();
+    Ok(vec![
+        ("rmqtt-acl", acl),
+        ("rmqtt-auth-http", auth_http),
+        ("rmqtt-web-hook", web_hook),
+        ("rmqtt-http-api", http_api),
+        ("rmqtt-retainer", retainer),
+    ])
+}
+
+pub struct EmbeddedBroker {
+    runtime: Option<tokio::runtime::Runtime>,
+    scx: ServerContext,
+    server_task: Option<tokio::task::JoinHandle<()>>,
+    mqtt_addr: SocketAddr,
+}
+
+impl EmbeddedBroker {
+    #[tracing::instrument(skip_all, fields(mqtt = %settings.mqtt_listen, api = %settings.api_listen))]
+    pub async fn start(settings: EmbeddedBrokerSettings) -> anyhow::Result<Self> {
+        // Plugin configs can be overridden by RMQTT_PLUGIN_* env vars; refuse to start if anyone tries,
+        // because that is a silent way to turn the fail-closed setup open.
+        if let Some((k, _)) = std::env::vars().find(|(k, _)| k.to_ascii_lowercase().starts_with("rmqtt_plugin_")) {
+            anyhow::bail!("environment variable {k} would override the embedded broker's security config; unset it");
+        }
+        let configs = plugin_configs(&settings)?;
+        let mqtt_listen = settings.mqtt_listen;
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rmqtt").enable_all().build()?;
+        let boot = runtime.spawn(async move {
+            // The busy check refuses CONNECTs when the host is loaded (e.g. while compiling); iothub's
+            // own limits apply instead.
+            let mut builder = ServerContext::new().node_id(1).busy_check_enable(false);
+            for (name, toml) in configs {
+                builder = builder.plugins_config_map_add(name, toml);
+            }
+            let scx = builder.build().await;
+            // Order matters only for readability: auth-http (priority 100) runs before acl (10).
+            rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;
+            rmqtt_retainer::register(&scx, true, false).await.context("rmqtt-retainer")?;
+            rmqtt_auth_http::register(&scx, true, false).await.context("rmqtt-auth-http")?;
+            rmqtt_web_hook::register(&scx, true, false).await.context("rmqtt-web-hook")?;
+            rmqtt_http_api::register(&scx, true, false).await.context("rmqtt-http-api")?;
+            let listener = Builder::new()
+                .name("external/tcp")
+                .laddr(mqtt_listen)
+                .allow_anonymous(false)
+                .reuseaddr(Some(true))
+                .nodelay(true)
+                .bind()
+                .and_then(|l| l.tcp())
+                .map_err(|e| anyhow!("binding MQTT listener {mqtt_listen}: {e}"))?;
+            let bound = listener.local_addr().map_err(|e| anyhow!("{e}"))?;
+            let server = MqttServer::new(scx.clone()).listener_by_id(listener, 1).build();
+            let task = tokio::spawn(async move {
+                if let Err(e) = server.run().await {
+                    tracing::error!(error = %e, "embedded MQTT server stopped");
+                }
+            });
+            anyhow::Ok((scx, task, bound))
+        });
+        match boot.await {
+            Ok(Ok((scx, task, bound))) => {
+                tracing::info!(mqtt = %bound, "embedded MQTT broker listening");
+                Ok(Self { runtime: Some(runtime), scx, server_task: Some(task), mqtt_addr: bound })
+            }
+            Ok(Err(e)) => {
+                runtime.shutdown_background();
+                Err(e)
+            }
+            Err(e) => {
+                runtime.shutdown_background();
+                Err(anyhow!("embedded broker boot task failed: {e}"))
+            }
+        }
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// Closes the listener, disconnects every client (so they see a clean kick and reconnect elsewhere),
+    /// lets in-flight hooks drain briefly, then stops every RMQTT task.
+    pub async fn stop(mut self) {
+        if let Some(task) = self.server_task.take() {
+            task.abort();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            let scx = self.scx.clone();
+            let kicked = runtime.spawn(async move {
+                let ids: Vec<Id> = scx.extends.shared().await.iter().map(|e| e.id()).collect();
+                for id in ids {
+                    let _ = scx.extends.shared().await.entry(id).kick(true, true, true).await;
+                }
+            });
+            let _ = tokio::time::timeout(Duration::from_secs(5), kicked).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(2))).await;
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

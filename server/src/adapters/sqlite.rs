@@ -1,0 +1,383 @@
+//! SQLite store (embedded profile).
+//!
+//! SQLite allows one writer at a time, so writes go through a single-connection pool (serialised in
+//! process, never `SQLITE_BUSY`), while reads use a separate pool over WAL. Same semantics as PostgreSQL.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::conflict_or;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::store::*;
+use crate::secrets::SecretHash;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    reader: SqlitePool,
+    writer: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        if let Some(parent) = options.get_filename().parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)?;
+            }
+        }
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options.read_only(false))
+            .await?;
+        Ok(Self { reader, writer })
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        MIGRATOR.run(&self.writer).await?;
+        Ok(())
+    }
+}
+
+fn product_row(r: &SqliteRow) -> Result<ProductRecord> {
+    Ok(ProductRecord {
+        id: ProductId::parse(r.try_get::<String, _>("id")?).map_err(|e| anyhow::anyhow!("stored product id: {e}"))?,
+        name: r.try_get("name")?,
+        description: r.try_get("description")?,
+        created_at: r.try_get("created_at")?,
+        device_count: r.try_get("device_count")?,
+    })
+}
+
+fn device_row(r: &SqliteRow) -> Result<DeviceRecord> {
+    let status: String = r.try_get("status")?;
+    Ok(DeviceRecord {
+        product: ProductId::parse(r.try_get::<String, _>("product_id")?)
+            .map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+        device: DeviceId::parse(r.try_get::<String, _>("device_id")?).map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+        status: DeviceStatus::parse(&status).ok_or_else(|| anyhow::anyhow!("stored status {status}"))?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn credential_row(r: &SqliteRow) -> Result<CredentialRecord> {
+    Ok(CredentialRecord {
+        id: r.try_get("id")?,
+        secret: SecretHash { salt: r.try_get("salt")?, hash: r.try_get("password_hash")? },
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+    })
+}
+
+fn api_key_row(r: &SqliteRow) -> Result<ApiKeyRecord> {
+    let scopes: String = r.try_get("scopes")?;
+    Ok(ApiKeyRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        key_hash: r.try_get("key_hash")?,
+        scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+const PRODUCT_COLUMNS: &str =
+    "p.id, p.name, p.description, p.created_at, (SELECT COUNT(*) FROM devices d WHERE d.product_id = p.id) AS device_count";
+
+#[async_trait]
+impl Store for SqliteStore {
+    #[tracing::instrument(skip(self), name = "sqlite.ping")]
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    #[tracing::instrument(skip(self, name, description), name = "sqlite.create_product")]
+    async fn create_product(&self, id: &ProductId, name: &str, description: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query("INSERT INTO products (id, name, description, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING")
+            .bind(id.as_str())
+            .bind(name)
+            .bind(description)
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.get_product")]
+    async fn get_product(&self, id: &ProductId) -> Result<Option<ProductRecord>> {
+        let row = sqlx::query(&format!("SELECT {PRODUCT_COLUMNS} FROM products p WHERE p.id = ?1"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(product_row).transpose()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.list_products")]
+    async fn list_products(&self, after: Option<&ProductId>, limit: u32) -> Result<Vec<ProductRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM products p WHERE (?1 IS NULL OR p.id > ?1) ORDER BY p.id LIMIT ?2"
+        ))
+        .bind(after.map(|a| a.as_str()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(product_row).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.delete_product")]
+    async fn delete_product(&self, id: &ProductId, force: bool) -> Result<ProductDelete> {
+        // The single writer connection makes this read-decide-write sequence atomic.
+        let mut tx = self.writer.begin().await?;
+        let exists =
+            sqlx::query("SELECT id FROM products WHERE id = ?1").bind(id.as_str()).fetch_optional(&mut *tx).await?;
+        if exists.is_none() {
+            return Ok(ProductDelete::NotFound);
+        }
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE product_id = ?1")
+            .bind(id.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        if count > 0 && !force {
+            return Ok(ProductDelete::HasDevices(count));
+        }
+        sqlx::query("DELETE FROM devices WHERE product_id = ?1").bind(id.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM products WHERE id = ?1").bind(id.as_str()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(ProductDelete::Deleted)
+    }
+
+    #[tracing::instrument(skip(self, devices), fields(count = devices.len()), name = "sqlite.insert_devices")]
+    async fn insert_devices(&self, product: &ProductId, devices: &[NewDevice], now: i64) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        let exists = sqlx::query("SELECT id FROM products WHERE id = ?1")
+            .bind(product.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(Error::not_found("product", product));
+        }
+        for d in devices {
+            let username = format!("{product}/{}", d.device);
+            sqlx::query(
+                "INSERT INTO devices (product_id, device_id, broker_username, status, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, 'active', ?4, ?4)",
+            )
+            .bind(product.as_str())
+            .bind(d.device.as_str())
+            .bind(&username)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| conflict_or(e, || format!("device `{username}` already exists")))?;
+            sqlx::query("INSERT INTO device_credentials (broker_username, salt, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)")
+                .bind(&username)
+                .bind(&d.secret.salt)
+                .bind(&d.secret.hash)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.get_device")]
+    async fn get_device(&self, device: &DeviceRef) -> Result<Option<DeviceRecord>> {
+        let row = sqlx::query(
+            "SELECT product_id, device_id, status, created_at, updated_at FROM devices WHERE product_id = ?1 AND device_id = ?2",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(device_row).transpose()
+    }
+
+    #[tracing::instrument(skip(self, filter), name = "sqlite.list_devices")]
+    async fn list_devices(&self, product: &ProductId, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>> {
+        let rows = sqlx::query(
+            "SELECT product_id, device_id, status, created_at, updated_at FROM devices
+             WHERE product_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR device_id > ?3)
+             ORDER BY device_id LIMIT ?4",
+        )
+        .bind(product.as_str())
+        .bind(filter.status.as_ref().map(|s| s.as_str()))
+        .bind(filter.after.as_ref().map(|a| a.as_str()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(device_row).collect()
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.set_device_status")]
+    async fn set_device_status(&self, device: &DeviceRef, status: DeviceStatus, now: i64) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE devices SET status = ?3, updated_at = ?4 WHERE product_id = ?1 AND device_id = ?2")
+                .bind(device.product.as_str())
+                .bind(device.device.as_str())
+                .bind(status.as_str())
+                .bind(now)
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.delete_device")]
+    async fn delete_device(&self, device: &DeviceRef) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM devices WHERE product_id = ?1 AND device_id = ?2")
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.device_auth")]
+    async fn device_auth(&self, device: &DeviceRef) -> Result<Option<DeviceAuthRecord>> {
+        let rows = sqlx::query(
+            "SELECT d.status, c.id, c.salt, c.password_hash, c.created_at, c.expires_at
+             FROM devices d LEFT JOIN device_credentials c ON c.broker_username = d.broker_username
+             WHERE d.broker_username = ?1 ORDER BY c.id DESC",
+        )
+        .bind(device.broker_username())
+        .fetch_all(&self.reader)
+        .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let status: String = first.try_get("status")?;
+        let mut credentials = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if r.try_get::<Option<i64>, _>("id")?.is_some() {
+                credentials.push(credential_row(r)?);
+            }
+        }
+        Ok(Some(DeviceAuthRecord {
+            status: DeviceStatus::parse(&status).ok_or_else(|| anyhow::anyhow!("stored status {status}"))?,
+            credentials,
+        }))
+    }
+
+    #[tracing::instrument(skip(self, secret), fields(device = %device), name = "sqlite.rotate_credential")]
+    async fn rotate_credential(
+        &self,
+        device: &DeviceRef,
+        secret: &SecretHash,
+        old_expires_at: i64,
+        now: i64,
+    ) -> Result<bool> {
+        let username = device.broker_username();
+        let mut tx = self.writer.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM devices WHERE broker_username = ?1")
+            .bind(&username)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        sqlx::query(
+            "DELETE FROM device_credentials WHERE broker_username = ?1 AND expires_at IS NOT NULL AND expires_at <= ?2",
+        )
+        .bind(&username)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE device_credentials SET expires_at = MIN(COALESCE(expires_at, ?2), ?2) WHERE broker_username = ?1",
+        )
+        .bind(&username)
+        .bind(old_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO device_credentials (broker_username, salt, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&username)
+        .bind(&secret.salt)
+        .bind(&secret.hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.list_credentials")]
+    async fn list_credentials(&self, device: &DeviceRef) -> Result<Vec<CredentialRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, salt, password_hash, created_at, expires_at FROM device_credentials WHERE broker_username = ?1 ORDER BY id DESC",
+        )
+        .bind(device.broker_username())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(credential_row).collect()
+    }
+
+    #[tracing::instrument(skip(self, key), name = "sqlite.insert_api_key")]
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<()> {
+        sqlx::query("INSERT INTO api_keys (id, name, key_hash, scopes, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.key_hash)
+            .bind(key.scopes.join(","))
+            .bind(key.created_at)
+            .execute(&self.writer)
+            .await
+            .map_err(|e| conflict_or(e, || "api key id already exists".into()))?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.get_api_key")]
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT id, name, key_hash, scopes, created_at, revoked_at FROM api_keys WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(api_key_row).transpose()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.list_api_keys")]
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, name, key_hash, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(api_key_row).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.revoke_api_key")]
+    async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL")
+            .bind(id)
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.count_api_keys")]
+    async fn count_api_keys(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await?)
+    }
+}

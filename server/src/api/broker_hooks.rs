@@ -1,0 +1,202 @@
+//! `/broker/*`: the broker asks iothub who may connect and what they may do.
+//!
+//! Three contracts, one decision ([`AccessService`](crate::domain::access::AccessService)):
+//! - EMQX 5 HTTP authn/authz: JSON in, `200 {"result": "allow"|"deny"}` out.
+//! - EMQX 4 `emqx_auth_http`: form or query params, the answer is the status code (200 allow,
+//!   401/403 deny); `access` is `1` (subscribe) or `2` (publish).
+//! - RMQTT `rmqtt-auth-http`: EMQX 4 params, but any non-2xx means "ignore" there, so denials must be a
+//!   2xx with `{"result": "deny"}`.
+//!
+//! Every call must carry `Authorization: Bearer {broker.hook_token}`; anything else is 401 and decides
+//! nothing. Errors inside a decision deny (fail closed); they never "ignore" into the next authenticator.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use super::SharedState;
+use crate::domain::access::AuthnDecision;
+use crate::error::Error;
+use crate::ids::DeviceRef;
+use crate::topics::Action;
+
+pub async fn require_hook_token(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(presented_token);
+    let ok = presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(state.hook_token.as_bytes())));
+    if ok {
+        next.run(req).await
+    } else {
+        metrics::counter!("iothub_broker_hook_unauthorized_total").increment(1);
+        Error::Unauthorized("missing or wrong broker hook token".into()).into_response()
+    }
+}
+
+/// The token from `Bearer {token}`, or the password of `Basic base64(user:{token})` (RMQTT's web-hook can
+/// only send credentials as URL userinfo, which becomes Basic auth).
+fn presented_token(header: &str) -> Option<String> {
+    if let Some(token) = header.strip_prefix("Bearer ") {
+        return Some(token.trim().to_string());
+    }
+    let encoded = header.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(BASE64_STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    decoded.split_once(':').map(|(_, password)| password.to_string())
+}
+
+/// Hook parameters from a JSON body, a form body, or the query string, as strings.
+pub struct HookParams(HashMap<String, String>);
+
+impl HookParams {
+    fn get(&self, key: &str) -> &str {
+        self.0.get(key).map(String::as_str).unwrap_or("")
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for HookParams {
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
+        let query: HashMap<String, String> =
+            req.uri().query().map(|q| serde_urlencoded::from_str(q).unwrap_or_default()).unwrap_or_default();
+        let is_json =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("json"));
+        let body = Bytes::from_request(req, state).await.map_err(|e| Error::validation("body", e))?;
+        let mut params = query;
+        if is_json {
+            let v: Value = serde_json::from_slice(&body).map_err(|e| Error::validation("body", e))?;
+            let Value::Object(map) = v else {
+                return Err(Error::validation("body", "expected a JSON object"));
+            };
+            for (k, v) in map {
+                let s = match v {
+                    Value::String(s) => s,
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                };
+                params.insert(k, s);
+            }
+        } else if !body.is_empty() {
+            let form: HashMap<String, String> =
+                serde_urlencoded::from_bytes(&body).map_err(|e| Error::validation("body", e))?;
+            params.extend(form);
+        }
+        Ok(HookParams(params))
+    }
+}
+
+fn emqx4_action(access: &str) -> Option<Action> {
+    match access {
+        "1" => Some(Action::Subscribe),
+        "2" => Some(Action::Publish),
+        _ => None,
+    }
+}
+
+fn emqx5_action(action: &str) -> Option<Action> {
+    match action {
+        "publish" => Some(Action::Publish),
+        "subscribe" => Some(Action::Subscribe),
+        _ => None,
+    }
+}
+
+async fn authz(state: &SharedState, p: &HookParams, action: Option<Action>) -> bool {
+    match action {
+        Some(a) => state.access.authorize(p.get("clientid"), p.get("username"), a, p.get("topic")).await,
+        None => false,
+    }
+}
+
+pub async fn emqx5_authn(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
+    let username = p.get("username");
+    match state.access.authenticate(p.get("clientid"), username, p.get("password")).await {
+        // The device ACL travels with the answer (EMQX >= 5.7.2), so publishes need no authz round trip.
+        AuthnDecision::AllowDevice => {
+            Json(json!({"result": "allow", "is_superuser": false, "acl": device_publish_acl(username)}))
+        }
+        AuthnDecision::AllowToken { acl, expire_at } => {
+            Json(json!({"result": "allow", "is_superuser": false, "acl": acl, "expire_at": expire_at}))
+        }
+        // Not a device and not one of our tokens: let the rest of EMQX's chain (its JWT authenticator)
+        // decide; an exhausted chain refuses the client.
+        AuthnDecision::Deny(_) if DeviceRef::from_broker_username(username).is_none() => {
+            Json(json!({"result": "ignore"}))
+        }
+        AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
+    }
+}
+
+/// The device's publish grants in EMQX's client-info ACL format. Publishes are the hot path (every message
+/// id is a new topic, so per-topic caches miss); carrying the grants in the authn answer lets the broker
+/// decide them itself. Subscriptions, rare and wildcard-laden, keep going through the authz hook, where
+/// filter coverage is checked precisely. Nothing here is a deny rule: whatever is not granted falls
+/// through to the hook, which denies it.
+fn device_publish_acl(username: &str) -> Vec<Value> {
+    let Some(device) = DeviceRef::from_broker_username(username) else {
+        return Vec::new();
+    };
+    crate::topics::DEVICE_ACL
+        .iter()
+        .filter(|r| r.action == Action::Publish)
+        .map(|r| {
+            json!({
+                "permission": "allow",
+                "action": r.action.as_str(),
+                "topic": crate::topics::expand_template(r.topic, device.product.as_str(), device.device.as_str()),
+            })
+        })
+        .collect()
+}
+
+pub async fn emqx5_authz(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
+    let allowed = authz(&state, &p, emqx5_action(p.get("action"))).await;
+    Json(json!({"result": if allowed { "allow" } else { "deny" }}))
+}
+
+pub async fn emqx4_auth(State(state): State<SharedState>, p: HookParams) -> StatusCode {
+    let d = state.access.authenticate(p.get("clientid"), p.get("username"), p.get("password")).await;
+    if d.allowed() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
+}
+
+pub async fn emqx4_acl(State(state): State<SharedState>, p: HookParams) -> StatusCode {
+    if authz(&state, &p, emqx4_action(p.get("access"))).await {
+        StatusCode::OK
+    } else {
+        StatusCode::FORBIDDEN
+    }
+}
+
+/// Nobody is a superuser: every client, internal ones included, is bound by an ACL.
+pub async fn emqx4_superuser(_: HookParams) -> StatusCode {
+    StatusCode::FORBIDDEN
+}
+
+pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
+    let username = p.get("username");
+    match state.access.authenticate(p.get("clientid"), username, p.get("password")).await {
+        // RMQTT evaluates a returned ACL in the broker; anything it does not match falls back to the acl hook.
+        AuthnDecision::AllowDevice => {
+            Json(json!({"result": "allow", "superuser": false, "acl": device_publish_acl(username)}))
+        }
+        AuthnDecision::AllowToken { acl, expire_at } => {
+            Json(json!({"result": "allow", "superuser": false, "acl": acl, "expire_at": expire_at}))
+        }
+        AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
+    }
+}
+
+pub async fn rmqtt_acl(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
+    let allowed = authz(&state, &p, emqx4_action(p.get("access"))).await;
+    Json(json!({"result": if allowed { "allow" } else { "deny" }}))
+}

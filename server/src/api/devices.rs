@@ -1,0 +1,291 @@
+//! `/api/v1/products/{product_id}/devices`: registration (single and bulk), listing, lifecycle, secrets.
+//!
+//! Registration and rotation responses are the only places a device secret ever appears.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::extract::{device_ref, product_id, ApiJson, ReadAccess, WriteAccess};
+use super::products::page_limit;
+use super::SharedState;
+use crate::domain::registry::{IssuedDevice, MAX_BULK};
+use crate::error::{Error, Problem, Result};
+use crate::ids::DeviceId;
+use crate::ports::store::{CredentialRecord, DeviceFilter, DeviceRecord, DeviceStatus};
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDevice {
+    /// `[A-Za-z0-9_-]{1,64}`; generated (32 hex chars) when absent.
+    pub device_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBulk {
+    /// Explicit devices to create. Give either `devices` or `count`.
+    pub devices: Option<Vec<RegisterDevice>>,
+    /// Number of devices with generated ids.
+    pub count: Option<usize>,
+}
+
+/// The device triple. `secret` is shown here once and can never be read again.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceCredentials {
+    pub product_id: String,
+    pub device_id: String,
+    pub secret: String,
+    /// MQTT username: `{product_id}/{device_id}`.
+    pub broker_username: String,
+}
+
+impl From<IssuedDevice> for DeviceCredentials {
+    fn from(d: IssuedDevice) -> Self {
+        Self {
+            broker_username: d.device.broker_username(),
+            product_id: d.device.product.to_string(),
+            device_id: d.device.device.to_string(),
+            secret: d.secret.expose().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BulkRegistered {
+    pub items: Vec<DeviceCredentials>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Credential {
+    pub id: i64,
+    pub created_at: i64,
+    /// When the credential stops authenticating (set by a rotation); absent = until rotated.
+    pub expires_at: Option<i64>,
+}
+
+impl From<CredentialRecord> for Credential {
+    fn from(c: CredentialRecord) -> Self {
+        Self { id: c.id, created_at: c.created_at, expires_at: c.expires_at }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Device {
+    pub product_id: String,
+    pub device_id: String,
+    pub broker_username: String,
+    pub status: DeviceStatus,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Live connections (filled by presence tracking; empty until the broker reports one).
+    pub connections: Vec<serde_json::Value>,
+    /// Credential metadata only; hashes and secrets are never returned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Vec<Credential>>,
+}
+
+impl Device {
+    fn from_record(d: DeviceRecord, credentials: Option<Vec<CredentialRecord>>) -> Self {
+        Self {
+            broker_username: format!("{}/{}", d.product, d.device),
+            product_id: d.product.to_string(),
+            device_id: d.device.to_string(),
+            status: d.status,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            connections: Vec::new(),
+            credentials: credentials.map(|c| c.into_iter().map(Credential::from).collect()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DevicePage {
+    pub items: Vec<Device>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusChanged {
+    pub device: Device,
+    /// Live connections the broker disconnected because of this change.
+    pub connections_kicked: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Deleted {
+    pub connections_kicked: usize,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateSecret {
+    /// How long the previous secret keeps working, in seconds (default: `auth.rotation_overlap_secs`).
+    pub overlap_seconds: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RotatedSecret {
+    pub product_id: String,
+    pub device_id: String,
+    pub secret: String,
+    /// Unix ms after which previous secrets stop working.
+    pub previous_secrets_expire_at: i64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `active` or `suspended`.
+    pub status: Option<String>,
+    pub cursor: Option<String>,
+    /// Page size, 1-1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+fn parse_device_id(raw: Option<String>, field: &str) -> Result<Option<DeviceId>> {
+    raw.map(|r| DeviceId::parse(r).map_err(|e| Error::validation(field, e))).transpose()
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/devices", tag = "devices",
+    params(("product_id" = String, Path)), request_body = RegisterDevice,
+    responses((status = 201, body = DeviceCredentials), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn register(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path(product): Path<String>,
+    ApiJson(req): ApiJson<RegisterDevice>,
+) -> Result<(StatusCode, Json<DeviceCredentials>)> {
+    let product = product_id(product)?;
+    let id = parse_device_id(req.device_id, "device_id")?;
+    let mut issued = state.registry.register(&product, vec![id]).await?;
+    let one = issued.pop().ok_or_else(|| Error::Internal(anyhow::anyhow!("registration returned nothing")))?;
+    Ok((StatusCode::CREATED, Json(one.into())))
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/bulk", tag = "devices",
+    params(("product_id" = String, Path)), request_body = RegisterBulk,
+    responses((status = 201, body = BulkRegistered), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn register_bulk(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path(product): Path<String>,
+    ApiJson(req): ApiJson<RegisterBulk>,
+) -> Result<(StatusCode, Json<BulkRegistered>)> {
+    let product = product_id(product)?;
+    let ids = match (req.devices, req.count) {
+        (Some(devices), None) => devices
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| parse_device_id(d.device_id, &format!("devices[{i}].device_id")))
+            .collect::<Result<Vec<_>>>()?,
+        (None, Some(count)) if (1..=MAX_BULK).contains(&count) => vec![None; count],
+        (None, Some(_)) => return Err(Error::validation("count", format!("must be between 1 and {MAX_BULK}"))),
+        _ => return Err(Error::validation("devices", "give exactly one of `devices` or `count`")),
+    };
+    let issued = state.registry.register(&product, ids).await?;
+    Ok((StatusCode::CREATED, Json(BulkRegistered { items: issued.into_iter().map(DeviceCredentials::from).collect() })))
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product_id}/devices", tag = "devices",
+    params(("product_id" = String, Path), ListQuery),
+    responses((status = 200, body = DevicePage), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["read"])))]
+pub async fn list(
+    _: ReadAccess,
+    State(state): State<SharedState>,
+    Path(product): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<DevicePage>> {
+    let product = product_id(product)?;
+    let limit = page_limit(q.limit)?;
+    let status = q
+        .status
+        .map(|s| DeviceStatus::parse(&s).ok_or_else(|| Error::validation("status", "must be `active` or `suspended`")))
+        .transpose()?;
+    let after = q
+        .cursor
+        .map(|c| DeviceId::parse(c).map_err(|_| Error::validation("cursor", "not a cursor from a previous page")))
+        .transpose()?;
+    let items = state.registry.list_devices(&product, &DeviceFilter { status, after, limit }).await?;
+    let next_cursor = (items.len() as u32 == limit).then(|| items.last().map(|d| d.device.to_string())).flatten();
+    Ok(Json(DevicePage { items: items.into_iter().map(|d| Device::from_record(d, None)).collect(), next_cursor }))
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product_id}/devices/{device_id}", tag = "devices",
+    params(("product_id" = String, Path), ("device_id" = String, Path)),
+    responses((status = 200, body = Device), (status = 404, body = Problem)), security(("api_key" = ["read"])))]
+pub async fn get(
+    _: ReadAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+) -> Result<Json<Device>> {
+    let (record, credentials) = state.registry.get_device(&device_ref(p, d)?).await?;
+    Ok(Json(Device::from_record(record, Some(credentials))))
+}
+
+#[utoipa::path(delete, path = "/api/v1/products/{product_id}/devices/{device_id}", tag = "devices",
+    params(("product_id" = String, Path), ("device_id" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 404, body = Problem), (status = 503, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn delete(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+) -> Result<Json<Deleted>> {
+    let connections_kicked = state.registry.delete_device(&device_ref(p, d)?).await?;
+    Ok(Json(Deleted { connections_kicked }))
+}
+
+async fn set_status(state: SharedState, p: String, d: String, status: DeviceStatus) -> Result<Json<StatusChanged>> {
+    let (record, connections_kicked) = state.registry.set_status(&device_ref(p, d)?, status).await?;
+    Ok(Json(StatusChanged { device: Device::from_record(record, None), connections_kicked }))
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/{device_id}/suspend", tag = "devices",
+    params(("product_id" = String, Path), ("device_id" = String, Path)),
+    responses((status = 200, body = StatusChanged), (status = 404, body = Problem), (status = 503, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn suspend(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+) -> Result<Json<StatusChanged>> {
+    set_status(state, p, d, DeviceStatus::Suspended).await
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/{device_id}/resume", tag = "devices",
+    params(("product_id" = String, Path), ("device_id" = String, Path)),
+    responses((status = 200, body = StatusChanged), (status = 404, body = Problem)), security(("api_key" = ["write"])))]
+pub async fn resume(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+) -> Result<Json<StatusChanged>> {
+    set_status(state, p, d, DeviceStatus::Active).await
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/{device_id}/rotate-secret", tag = "devices",
+    params(("product_id" = String, Path), ("device_id" = String, Path)), request_body = RotateSecret,
+    responses((status = 200, body = RotatedSecret), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn rotate_secret(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+    ApiJson(req): ApiJson<RotateSecret>,
+) -> Result<Json<RotatedSecret>> {
+    let device = device_ref(p, d)?;
+    let (secret, previous_secrets_expire_at) = state.registry.rotate_secret(&device, req.overlap_seconds).await?;
+    Ok(Json(RotatedSecret {
+        product_id: device.product.to_string(),
+        device_id: device.device.to_string(),
+        secret: secret.expose().to_string(),
+        previous_secrets_expire_at,
+    }))
+}

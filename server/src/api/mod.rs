@@ -1,0 +1,100 @@
+//! The HTTP edge: routing, authentication of callers, request parsing and response shapes.
+//!
+//! Handlers translate HTTP to domain calls and back; they hold no SQL and no business rules. Three
+//! audiences share the listener: business systems (`/api/v1`, API keys), the broker (`/broker/*`, a shared
+//! hook token) and operators (`/healthz`, `/readyz`, `/metrics`, unauthenticated).
+
+pub mod api_keys;
+pub mod broker_hooks;
+pub mod devices;
+pub mod extract;
+pub mod health;
+pub mod openapi;
+pub mod products;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::domain::access::AccessService;
+use crate::domain::api_keys::ApiKeyService;
+use crate::domain::registry::RegistryService;
+use crate::ports::broker::BrokerApi;
+use crate::ports::store::Store;
+
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn BrokerApi>,
+    pub registry: RegistryService,
+    pub access: Arc<AccessService>,
+    pub api_keys: ApiKeyService,
+    pub hook_token: String,
+    pub metrics: PrometheusHandle,
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) -> Router {
+    let api = Router::new()
+        .route("/products", post(products::create).get(products::list))
+        .route("/products/{product_id}", get(products::get).delete(products::delete))
+        .route("/products/{product_id}/devices", post(devices::register).get(devices::list))
+        .route("/products/{product_id}/devices/bulk", post(devices::register_bulk))
+        .route("/products/{product_id}/devices/{device_id}", get(devices::get).delete(devices::delete))
+        .route("/products/{product_id}/devices/{device_id}/suspend", post(devices::suspend))
+        .route("/products/{product_id}/devices/{device_id}/resume", post(devices::resume))
+        .route("/products/{product_id}/devices/{device_id}/rotate-secret", post(devices::rotate_secret))
+        .route("/api-keys", post(api_keys::create).get(api_keys::list))
+        .route("/api-keys/{key_id}", delete(api_keys::revoke))
+        .route("/tokens", post(tokens::issue));
+
+    let broker = Router::new()
+        .route("/emqx5/authn", post(broker_hooks::emqx5_authn))
+        .route("/emqx5/authz", post(broker_hooks::emqx5_authz))
+        .route("/emqx4/auth", post(broker_hooks::emqx4_auth).get(broker_hooks::emqx4_auth))
+        .route("/emqx4/acl", post(broker_hooks::emqx4_acl).get(broker_hooks::emqx4_acl))
+        .route("/emqx4/superuser", post(broker_hooks::emqx4_superuser).get(broker_hooks::emqx4_superuser))
+        .route("/rmqtt/auth", post(broker_hooks::rmqtt_auth))
+        .route("/rmqtt/acl", post(broker_hooks::rmqtt_acl))
+        .route_layer(middleware::from_fn_with_state(state.clone(), broker_hooks::require_hook_token));
+
+    Router::new()
+        .nest("/api/v1", api)
+        .nest("/broker", broker)
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(extract::not_found)
+        .layer(middleware::from_fn(track_metrics))
+        .layer(TraceLayer::new_for_http())
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, request_timeout))
+        .layer(RequestBodyLimitLayer::new(body_limit))
+        .layer(CatchPanicLayer::new())
+        .with_state(state)
+}
+
+/// Request count and latency per route template (never per concrete path: ids would explode cardinality).
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("iothub_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("iothub_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}

@@ -1,0 +1,5 @@
+//! Domain services: the rules of the hub, independent of HTTP and of which adapters are plugged in.
+
+pub mod access;
+pub mod api_keys;
+pub mod registry;

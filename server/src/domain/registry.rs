@@ -1,0 +1,182 @@
+//! The device registry: products, devices, their lifecycle and their secrets.
+//!
+//! Owns the invariants around credentials: a secret is generated here, hashed here, returned once to the
+//! caller, and never stored or logged in clear. Suspending or deleting a device invalidates its cached auth
+//! record at once and kicks its live connections through the broker, so the change bites immediately
+//! rather than at the device's next reconnect.
+
+use std::sync::Arc;
+
+use crate::clock::now_ms;
+use crate::domain::access::AccessService;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::broker::BrokerApi;
+use crate::ports::store::*;
+use crate::secrets::{new_device_secret, PlainSecret};
+
+/// Largest bulk registration accepted in one request.
+pub const MAX_BULK: usize = 10_000;
+
+pub struct RegistryService {
+    store: Arc<dyn Store>,
+    broker: Arc<dyn BrokerApi>,
+    access: Arc<AccessService>,
+    default_overlap_secs: u64,
+}
+
+/// A device as just created: the only time its secret is visible.
+#[derive(Debug)]
+pub struct IssuedDevice {
+    pub device: DeviceRef,
+    pub secret: PlainSecret,
+}
+
+impl RegistryService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        broker: Arc<dyn BrokerApi>,
+        access: Arc<AccessService>,
+        default_overlap_secs: u64,
+    ) -> Self {
+        Self { store, broker, access, default_overlap_secs }
+    }
+
+    pub async fn create_product(&self, id: ProductId, name: &str, description: &str) -> Result<ProductRecord> {
+        if name.chars().count() > 200 {
+            return Err(Error::validation("name", "must be at most 200 characters"));
+        }
+        if description.chars().count() > 2000 {
+            return Err(Error::validation("description", "must be at most 2000 characters"));
+        }
+        if !self.store.create_product(&id, name, description, now_ms()).await? {
+            return Err(Error::Conflict(format!("product `{id}` already exists")));
+        }
+        self.get_product(&id).await
+    }
+
+    pub async fn get_product(&self, id: &ProductId) -> Result<ProductRecord> {
+        self.store.get_product(id).await?.ok_or_else(|| Error::not_found("product", id))
+    }
+
+    pub async fn list_products(&self, after: Option<&ProductId>, limit: u32) -> Result<Vec<ProductRecord>> {
+        self.store.list_products(after, limit).await
+    }
+
+    /// Deletes a product. With `force`, its devices are deleted and kicked too.
+    pub async fn delete_product(&self, id: &ProductId, force: bool) -> Result<()> {
+        let doomed = if force { self.all_devices(id).await? } else { Vec::new() };
+        match self.store.delete_product(id, force).await? {
+            ProductDelete::NotFound => Err(Error::not_found("product", id)),
+            ProductDelete::HasDevices(n) => {
+                Err(Error::Conflict(format!("product `{id}` still has {n} devices; delete them or pass force=true")))
+            }
+            ProductDelete::Deleted => {
+                for d in &doomed {
+                    self.access.forget_device(d).await;
+                }
+                for d in &doomed {
+                    self.kick(d).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn all_devices(&self, product: &ProductId) -> Result<Vec<DeviceRef>> {
+        let mut out = Vec::new();
+        let mut filter = DeviceFilter { limit: 1000, ..Default::default() };
+        loop {
+            let page = self.store.list_devices(product, &filter).await?;
+            let Some(last) = page.last() else { break };
+            filter.after = Some(last.device.clone());
+            let full = page.len() as u32 == filter.limit;
+            out.extend(page.into_iter().map(|d| DeviceRef::new(d.product, d.device)));
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers devices (given ids, or generated ones) atomically: all or none.
+    pub async fn register(&self, product: &ProductId, ids: Vec<Option<DeviceId>>) -> Result<Vec<IssuedDevice>> {
+        if ids.is_empty() {
+            return Err(Error::validation("devices", "at least one device is required"));
+        }
+        if ids.len() > MAX_BULK {
+            return Err(Error::validation("devices", format!("at most {MAX_BULK} devices per request")));
+        }
+        let mut new = Vec::with_capacity(ids.len());
+        let mut issued = Vec::with_capacity(ids.len());
+        for id in ids {
+            let device = id.unwrap_or_else(|| {
+                DeviceId::parse(uuid::Uuid::new_v4().simple().to_string()).expect("uuid is a valid id")
+            });
+            let (plain, hash) = new_device_secret();
+            new.push(NewDevice { device: device.clone(), secret: hash });
+            issued.push(IssuedDevice { device: DeviceRef::new(product.clone(), device), secret: plain });
+        }
+        self.store.insert_devices(product, &new, now_ms()).await?;
+        for d in &issued {
+            // A cached "unknown device" answer must not outlive the registration.
+            self.access.forget_device(&d.device).await;
+        }
+        Ok(issued)
+    }
+
+    pub async fn get_device(&self, device: &DeviceRef) -> Result<(DeviceRecord, Vec<CredentialRecord>)> {
+        let record = self.store.get_device(device).await?.ok_or_else(|| Error::not_found("device", device))?;
+        let credentials = self.store.list_credentials(device).await?;
+        Ok((record, credentials))
+    }
+
+    pub async fn list_devices(&self, product: &ProductId, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>> {
+        // Distinguish "no such product" from "no devices".
+        self.get_product(product).await?;
+        self.store.list_devices(product, filter).await
+    }
+
+    /// Sets the status; suspending kicks live connections. Returns the device and how many were kicked.
+    pub async fn set_status(&self, device: &DeviceRef, status: DeviceStatus) -> Result<(DeviceRecord, usize)> {
+        if !self.store.set_device_status(device, status.clone(), now_ms()).await? {
+            return Err(Error::not_found("device", device));
+        }
+        self.access.forget_device(device).await;
+        let kicked = if status == DeviceStatus::Suspended { self.kick(device).await? } else { 0 };
+        let record = self.store.get_device(device).await?.ok_or_else(|| Error::not_found("device", device))?;
+        Ok((record, kicked))
+    }
+
+    pub async fn delete_device(&self, device: &DeviceRef) -> Result<usize> {
+        if !self.store.delete_device(device).await? {
+            return Err(Error::not_found("device", device));
+        }
+        self.access.forget_device(device).await;
+        self.kick(device).await
+    }
+
+    /// Issues a new secret. The previous ones keep working for `overlap_secs` (default from config).
+    pub async fn rotate_secret(&self, device: &DeviceRef, overlap_secs: Option<u64>) -> Result<(PlainSecret, i64)> {
+        let overlap = overlap_secs.unwrap_or(self.default_overlap_secs);
+        if overlap > 30 * 86_400 {
+            return Err(Error::validation("overlap_seconds", "must be at most 2592000 (30 days)"));
+        }
+        let now = now_ms();
+        let old_expires_at = now + (overlap as i64) * 1000;
+        let (plain, hash) = new_device_secret();
+        if !self.store.rotate_credential(device, &hash, old_expires_at, now).await? {
+            return Err(Error::not_found("device", device));
+        }
+        self.access.forget_device(device).await;
+        Ok((plain, old_expires_at))
+    }
+
+    async fn kick(&self, device: &DeviceRef) -> Result<usize> {
+        self.broker.kick_username(&device.broker_username()).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "the change to `{device}` is saved and denies its next auth check, but kicking its live connections failed ({e}); retry to kick again"
+            ))
+        })
+    }
+}

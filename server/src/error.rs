@@ -1,0 +1,121 @@
+//! The one error type of iothub and its mapping to RFC 9457 `application/problem+json`.
+//!
+//! Domain services return [`Error`]; the HTTP edge turns it into a problem document. Validation errors
+//! always name the offending field so API users can fix their request without reading logs. Internal
+//! errors are logged with their cause and answered with a generic 500 that leaks nothing.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid `{field}`: {message}")]
+    Validation { field: String, message: String },
+    #[error("{what} `{id}` not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl Error {
+    pub fn validation(field: impl Into<String>, message: impl ToString) -> Self {
+        Error::Validation { field: field.into(), message: message.to_string() }
+    }
+
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        Error::NotFound { what, id: id.to_string() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::Validation { .. } => "validation",
+            Error::NotFound { .. } => "not-found",
+            Error::Conflict(_) => "conflict",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Error::Unavailable(format!("database unavailable: {e}"))
+            }
+            _ => Error::Internal(anyhow::Error::new(e).context("database")),
+        }
+    }
+}
+
+/// The problem document. `field` is an iothub extension member naming the invalid input.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// URI reference identifying the problem type, e.g. `urn:iothub:problem:validation`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            Error::Internal(e) => {
+                tracing::error!(error = ?e, "internal error");
+                "internal error; see server logs".to_string()
+            }
+            Error::Unavailable(msg) => {
+                tracing::warn!(%msg, "dependency unavailable");
+                self.to_string()
+            }
+            other => other.to_string(),
+        };
+        let field = match &self {
+            Error::Validation { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        let problem = Problem {
+            kind: format!("urn:iothub:problem:{}", self.kind()),
+            title: status.canonical_reason().unwrap_or("error").to_string(),
+            status: status.as_u16(),
+            detail,
+            field,
+        };
+        let mut resp = (status, axum::Json(problem)).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/problem+json"));
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,8 @@
+//! Ports: the interfaces domain services use to reach the outside world.
+//!
+//! Each port has a production adapter and an embedded one (see `adapters/`), chosen by configuration at start.
+//! Domain code depends only on these traits, which is what lets one code base run as a single binary on
+//! SQLite or as a stateless fleet on PostgreSQL and EMQX.
+
+pub mod broker;
+pub mod store;

@@ -1,0 +1,220 @@
+//! Wiring: turns a [`Config`] into running adapters, services and the HTTP server.
+//!
+//! [`Application::build`] takes an already-bound listener so tests can start the real server on port 0;
+//! [`Application::serve`] runs until the shutdown future resolves, then drains HTTP and stops the
+//! embedded broker.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::adapters::broker_http::HttpBroker;
+use crate::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
+use crate::adapters::postgres::PgStore;
+use crate::adapters::sqlite::SqliteStore;
+use crate::api::{self, AppState, SharedState};
+use crate::config::{BrokerKind, Config};
+use crate::domain::access::AccessService;
+use crate::domain::api_keys::{ApiKeyService, Scope};
+use crate::domain::registry::RegistryService;
+use crate::ports::broker::BrokerApi;
+use crate::ports::store::Store;
+use crate::secrets::random_token;
+use crate::telemetry;
+
+/// Opens the configured store (PostgreSQL or SQLite, by URL scheme), optionally migrating it.
+pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    let url = config.database_url();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store =
+            PgStore::connect(&url, config.database.max_connections).await.context("connecting to PostgreSQL")?;
+        if migrate {
+            store.migrate().await.context("migrating PostgreSQL")?;
+        }
+        Ok(Arc::new(store))
+    } else if url.starts_with("sqlite:") {
+        let store = SqliteStore::connect(&url, config.database.max_connections).await.context("opening SQLite")?;
+        if migrate {
+            store.migrate().await.context("migrating SQLite")?;
+        }
+        Ok(Arc::new(store))
+    } else {
+        anyhow::bail!("database.url must start with postgres://, postgresql:// or sqlite:")
+    }
+}
+
+/// Reads a secret from `path`, or creates it (mode 0600) when absent.
+fn persisted_secret(path: &Path) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let existing = existing.trim().to_string();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let secret = random_token();
+    write_private(path, &secret)?;
+    Ok(secret)
+}
+
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    Ok(())
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: SharedState,
+    config: Config,
+    embedded: Option<EmbeddedBroker>,
+}
+
+impl Application {
+    pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
+        config.validate()?;
+        let http_addr = listener.local_addr()?;
+        let store = open_store(&config, config.database.migrate_on_start).await?;
+
+        let jwt_secret = if config.auth.jwt_secret.is_empty() {
+            persisted_secret(&config.data_dir.join("jwt-secret"))?
+        } else {
+            config.auth.jwt_secret.clone()
+        };
+        let hook_token =
+            if config.broker.hook_token.is_empty() { random_token() } else { config.broker.hook_token.clone() };
+
+        let timeout = Duration::from_millis(config.broker.api_timeout_ms);
+        let (broker, embedded): (Arc<dyn BrokerApi>, Option<EmbeddedBroker>) = match config.broker.kind {
+            BrokerKind::Embedded => {
+                let hooks_url = config.http.public_url.clone().unwrap_or_else(|| loopback_url(http_addr));
+                let api_token = random_token();
+                let embedded = EmbeddedBroker::start(EmbeddedBrokerSettings {
+                    mqtt_listen: config.broker.embedded.mqtt_listen,
+                    api_listen: config.broker.embedded.api_listen,
+                    hooks_base_url: hooks_url,
+                    hook_token: hook_token.clone(),
+                    api_token: api_token.clone(),
+                })
+                .await
+                .context("starting the embedded MQTT broker")?;
+                let api_url = format!("http://{}", config.broker.embedded.api_listen);
+                let broker = HttpBroker::new(BrokerKind::Rmqtt, &api_url, "/api/v1", &api_token, "", timeout)?;
+                (Arc::new(broker), Some(embedded))
+            }
+            kind => {
+                let broker = HttpBroker::new(
+                    kind,
+                    &config.broker.api_url,
+                    config.broker_api_prefix(),
+                    &config.broker.api_key,
+                    &config.broker.api_secret,
+                    timeout,
+                )?;
+                (Arc::new(broker), None)
+            }
+        };
+
+        let access = Arc::new(AccessService::new(
+            store.clone(),
+            jwt_secret.as_bytes(),
+            config.auth.jwt_max_ttl_secs,
+            Duration::from_millis(config.cache.device_ttl_ms),
+            config.cache.device_capacity,
+        ));
+        let registry =
+            RegistryService::new(store.clone(), broker.clone(), access.clone(), config.auth.rotation_overlap_secs);
+        let api_keys = ApiKeyService::new(store.clone());
+        if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
+            let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
+            let path = config.data_dir.join("admin-api-key");
+            std::fs::create_dir_all(&config.data_dir)?;
+            write_private(&path, key.expose())?;
+            tracing::warn!(path = %path.display(), "no API key existed; wrote a bootstrap admin key to this file (mode 0600)");
+        }
+
+        let state = Arc::new(AppState {
+            store,
+            broker,
+            registry,
+            access,
+            api_keys,
+            hook_token,
+            metrics: telemetry::metrics_handle(),
+        });
+        Ok(Self { listener, state, config, embedded })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where devices connect, when the broker is the embedded one.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.embedded.as_ref().map(EmbeddedBroker::mqtt_addr)
+    }
+
+    pub fn state(&self) -> SharedState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests and stops the embedded broker.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let app = api::router(
+            self.state.clone(),
+            Duration::from_secs(self.config.http.request_timeout_secs),
+            self.config.http.body_limit_bytes,
+        );
+        tracing::info!(http = %self.http_addr(), store = self.state.store.backend(), broker = self.state.broker.kind(), "iothub serving");
+        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        if let Some(embedded) = self.embedded {
+            embedded.stop().await;
+        }
+        tracing::info!("iothub stopped");
+        served.map_err(Into::into)
+    }
+}
+
+fn loopback_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received");
+}

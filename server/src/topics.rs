@@ -1,0 +1,259 @@
+//! The MQTT topic grammar iothub speaks with devices, in one place.
+//!
+//! Devices built for the reference IotHub must keep working, so the topic shapes here are wire-compatible
+//! with it (see `shared/reference/iothub-reference.md`). This module owns:
+//! - the per-device ACL, as a short list of rule templates with `%p` (product) and `%d` (device)
+//!   placeholders, so authorising a million devices costs no rows and no allocations;
+//! - MQTT filter matching used by the authorisation decisions (publish: topic name against filter;
+//!   subscribe: the requested filter must be covered by a granted filter).
+//!
+//! The PostgreSQL migration seeds `acl_rule_templates` with exactly [`DEVICE_ACL`]; a test keeps them equal.
+
+/// What a client asks to do on a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Publish,
+    Subscribe,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Publish => "publish",
+            Action::Subscribe => "subscribe",
+        }
+    }
+}
+
+/// One grant of the device ACL. `topic` is an MQTT filter whose levels may be `%p` or `%d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AclRule {
+    pub action: Action,
+    pub topic: &'static str,
+}
+
+const fn publish(topic: &'static str) -> AclRule {
+    AclRule { action: Action::Publish, topic }
+}
+const fn subscribe(topic: &'static str) -> AclRule {
+    AclRule { action: Action::Subscribe, topic }
+}
+
+/// Everything a device may do; anything else is denied.
+pub const DEVICE_ACL: &[AclRule] = &[
+    publish("upload_data/%p/%d/+/+"),
+    publish("update_status/%p/%d/+"),
+    publish("update_ota_status/%p/%d/+"),
+    publish("cmd_resp/%p/%d/+/+/+"),
+    publish("rpc_resp/%p/%d/+/+/+"),
+    publish("get/%p/%d/+/+"),
+    // m2m/{product}/{target}/{sender}/{msgId}: a device may only send as itself, within its product.
+    publish("m2m/%p/+/%d/+"),
+    subscribe("cmd/%p/%d/+/+/+/#"),
+    subscribe("rpc/%p/%d/+/+/+/#"),
+    subscribe("m2m/%p/%d/+/+"),
+    subscribe("tags/%p/+/cmd/+/+/+/#"),
+];
+
+/// Substitutes `%p`/`%d` levels of a rule template without allocating.
+fn template_levels<'a>(template: &'a str, product: &'a str, device: &'a str) -> impl Iterator<Item = &'a str> {
+    template.split('/').map(move |level| match level {
+        "%p" => product,
+        "%d" => device,
+        other => other,
+    })
+}
+
+/// Expands a template for one device (used for EMQX `acl` responses and documentation).
+pub fn expand_template(template: &str, product: &str, device: &str) -> String {
+    template_levels(template, product, device).collect::<Vec<_>>().join("/")
+}
+
+fn is_valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// A filter is valid when `#` only stands alone as the last level and `+` only alone in its level.
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// Does the MQTT filter (given as levels) match the topic name? `$`-topics never match a leading wildcard.
+fn filter_levels_match_topic<'a>(mut filter: impl Iterator<Item = &'a str>, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    let mut first = true;
+    loop {
+        match (filter.next(), topic_levels.next()) {
+            (Some("#"), _) => return !(first && topic.starts_with('$')),
+            (Some("+"), Some(t)) => {
+                if first && t.starts_with('$') {
+                    return false;
+                }
+            }
+            (Some(f), Some(t)) if f == t => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+        first = false;
+    }
+}
+
+/// Is every topic matched by `requested` also matched by `granted`? (Subscription authorisation.)
+fn filter_levels_cover<'a>(mut granted: impl Iterator<Item = &'a str>, requested: &str) -> bool {
+    let mut requested_levels = requested.split('/');
+    loop {
+        match (granted.next(), requested_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(r)) if r != "#" => {}
+            (Some(g), Some(r)) if g == r && g != "+" => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The authorisation decision for a device, computed from [`DEVICE_ACL`] alone.
+pub fn device_may(product: &str, device: &str, action: Action, topic: &str) -> bool {
+    match action {
+        Action::Publish => {
+            is_valid_topic_name(topic)
+                && DEVICE_ACL
+                    .iter()
+                    .filter(|r| r.action == action)
+                    .any(|r| filter_levels_match_topic(template_levels(r.topic, product, device), topic))
+        }
+        Action::Subscribe => {
+            is_valid_filter(topic)
+                && !topic.starts_with("$share/")
+                && !topic.starts_with("$queue/")
+                && DEVICE_ACL
+                    .iter()
+                    .filter(|r| r.action == action)
+                    .any(|r| filter_levels_cover(template_levels(r.topic, product, device), topic))
+        }
+    }
+}
+
+/// Matches a literal MQTT filter (no placeholders) against a topic (publish) or filter (subscribe).
+pub fn filter_permits(filter: &str, action: Action, topic: &str) -> bool {
+    match action {
+        Action::Publish => is_valid_topic_name(topic) && filter_levels_match_topic(filter.split('/'), topic),
+        Action::Subscribe => is_valid_filter(topic) && filter_levels_cover(filter.split('/'), topic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn device_grants() {
+        let ok_pub = [
+            "upload_data/p/d/temp/m1",
+            "update_status/p/d/m1",
+            "update_ota_status/p/d/m1",
+            "cmd_resp/p/d/reboot/r1/m1",
+            "rpc_resp/p/d/reboot/r1/m1",
+            "get/p/d/$ntp/m1",
+            "m2m/p/other/d/m1",
+        ];
+        for t in ok_pub {
+            assert!(device_may("p", "d", Action::Publish, t), "{t}");
+        }
+        let bad_pub = [
+            "upload_data/p/other/temp/m1",
+            "upload_data/q/d/temp/m1",
+            "upload_data/p/d/temp",
+            "upload_data/p/d/temp/m1/extra",
+            "upload_data/p/d/+/m1",
+            "m2m/p/d/other/m1",
+            "m2m/q/other/d/m1",
+            "cmd/p/d/x/plain/r1",
+            "$SYS/brokers",
+            "",
+        ];
+        for t in bad_pub {
+            assert!(!device_may("p", "d", Action::Publish, t), "{t}");
+        }
+        let ok_sub = [
+            "cmd/p/d/+/+/+/#",
+            "cmd/p/d/reboot/+/+",
+            "rpc/p/d/+/+/+/#",
+            "m2m/p/d/+/+",
+            "tags/p/+/cmd/+/+/+/#",
+            "tags/p/t1/cmd/+/+/+",
+        ];
+        for t in ok_sub {
+            assert!(device_may("p", "d", Action::Subscribe, t), "{t}");
+        }
+        let bad_sub = [
+            "cmd/p/+/+/+/+/#",
+            "cmd/p/other/+/+/+/#",
+            "cmd/#",
+            "#",
+            "+/p/d/+/+/+",
+            "m2m/p/+/+/+",
+            "tags/q/+/cmd/+/+/+/#",
+            "upload_data/p/d/+/+",
+            "$share/g/cmd/p/d/+/+/+/#",
+            "cmd/p/d/#/x",
+        ];
+        for t in bad_sub {
+            assert!(!device_may("p", "d", Action::Subscribe, t), "{t}");
+        }
+    }
+
+    #[test]
+    fn literal_filters() {
+        assert!(filter_permits("a/+/c", Action::Publish, "a/b/c"));
+        assert!(!filter_permits("a/+/c", Action::Publish, "a/b/c/d"));
+        assert!(filter_permits("a/#", Action::Publish, "a"));
+        assert!(!filter_permits("#", Action::Publish, "$SYS/x"));
+        assert!(filter_permits("a/#", Action::Subscribe, "a/+/x"));
+        assert!(!filter_permits("a/+", Action::Subscribe, "a/#"));
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-c]{1,2}",
+            Just("+".to_string()),
+            Just("#".to_string()),
+            Just("p".to_string()),
+            Just("d".to_string())
+        ]
+    }
+
+    fn concrete(levels: &[String]) -> Vec<String> {
+        levels.iter().map(|l| if l == "+" || l == "#" { "x".to_string() } else { l.clone() }).collect()
+    }
+
+    proptest! {
+        // If a granted filter covers a requested filter, every topic the requested filter matches must also be
+        // matched by the granted one: coverage may never grant more than the rule says.
+        #[test]
+        fn coverage_is_sound(g in prop::collection::vec(level(), 1..6), r in prop::collection::vec(level(), 1..6)) {
+            let granted = g.join("/");
+            let requested = r.join("/");
+            if is_valid_filter(&granted) && is_valid_filter(&requested) && filter_permits(&granted, Action::Subscribe, &requested) {
+                let topic = concrete(&r).join("/");
+                prop_assert!(filter_permits(&granted, Action::Publish, &topic), "{} covers {} but not {}", granted, requested, topic);
+            }
+        }
+
+        #[test]
+        fn decisions_never_panic(t in "\\PC{0,120}", sub in any::<bool>()) {
+            let a = if sub { Action::Subscribe } else { Action::Publish };
+            let _ = device_may("p", "d", a, &t);
+        }
+    }
+}

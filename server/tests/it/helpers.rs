@@ -1,0 +1,243 @@
+//! Test harness: starts the real iothub (HTTP on port 0, embedded RMQTT on free ports) against a real
+//! SQLite file or a fresh PostgreSQL database, and gives tests an authenticated HTTP client and MQTT helpers.
+//!
+//! PostgreSQL comes from `TEST_POSTGRES_URL` (an admin URL; `scripts/test.sh` starts a server and
+//! sets it). Each test creates its own database and drops it afterwards.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use iothub::config::Config;
+use iothub::startup::Application;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet};
+use serde_json::{json, Value};
+use sqlx::{Connection, Executor};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .expect("TEST_POSTGRES_URL is not set: run the suite with scripts/test.sh, which starts PostgreSQL and sets it")
+}
+
+/// A PostgreSQL database that exists for one test.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin = admin_database_url();
+        let name = format!("iothub_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect to the test PostgreSQL");
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create test database");
+        let url = match admin.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin[..i]),
+            None => panic!("TEST_POSTGRES_URL needs a database path"),
+        };
+        Self { url, name }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Best effort, off the test's runtime (which may be shutting down).
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_database_url()).await {
+                    let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+pub struct TestHub {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub admin_key: String,
+    pub mqtt_addr: SocketAddr,
+    pub state: iothub::api::SharedState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+    _pg: Option<TestDatabase>,
+}
+
+impl TestHub {
+    pub async fn start(db: Db) -> Self {
+        Self::start_with(db, |_| {}).await
+    }
+
+    pub async fn start_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.log.level = "warn".into();
+        config.broker.embedded.mqtt_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.broker.embedded.api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let pg = match db {
+            Db::Sqlite => {
+                config.database.url = format!("sqlite://{}", dir.path().join("hub.db").display());
+                None
+            }
+            Db::Postgres => {
+                let pg = TestDatabase::create().await;
+                config.database.url = pg.url.clone();
+                config.database.max_connections = 8;
+                Some(pg)
+            }
+        };
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind(config.http.listen).await.expect("bind http");
+        let app = Application::build(config, listener).await.expect("iothub starts");
+        let base = format!("http://{}", app.http_addr());
+        let mqtt_addr = app.mqtt_addr().expect("embedded broker");
+        let state = app.state();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(async move {
+            let _ = rx.await;
+        }));
+        let admin_key = std::fs::read_to_string(dir.path().join("admin-api-key")).expect("bootstrap admin key written");
+        Self {
+            base,
+            http: reqwest::Client::new(),
+            admin_key,
+            mqtt_addr,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+            _dir: dir,
+            _pg: pg,
+        }
+    }
+
+    pub fn pg_url(&self) -> Option<&str> {
+        self._pg.as_ref().map(|p| p.url.as_str())
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.admin_key)
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut rb = self.request(method, path);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.expect("http call");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn create_product(&self, id: &str) {
+        let (s, b) = self.call(Method::POST, "/api/v1/products", Some(json!({"id": id}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
+
+    /// Registers a device and returns its secret.
+    pub async fn register(&self, product: &str, device: &str) -> String {
+        let (s, b) = self
+            .call(Method::POST, &format!("/api/v1/products/{product}/devices"), Some(json!({"device_id": device})))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["secret"].as_str().expect("secret in response").to_string()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("graceful shutdown in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+/// Connects and waits for CONNACK; `Err` carries why the broker refused (or that it timed out).
+pub async fn mqtt_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> Result<(AsyncClient, EventLoop), String> {
+    let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    opts.set_credentials(username, password);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err("timeout waiting for CONNACK".into()),
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                    return Ok((client, eventloop))
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(format!("{:?}", ack.code)),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+pub async fn must_connect(
+    addr: SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+) -> (AsyncClient, EventLoop) {
+    match mqtt_connect(addr, client_id, username, password).await {
+        Ok(connected) => connected,
+        Err(why) => panic!("{username} should connect, was refused: {why}"),
+    }
+}
+
+pub async fn must_be_refused(addr: SocketAddr, client_id: &str, username: &str, password: &str) {
+    if mqtt_connect(addr, client_id, username, password).await.is_ok() {
+        panic!("{username} connected but should have been refused");
+    }
+}
+
+/// Polls the event loop until `pred` matches an incoming packet, the connection drops (Err), or timeout.
+pub async fn wait_for(
+    eventloop: &mut EventLoop,
+    timeout: Duration,
+    mut pred: impl FnMut(&Packet) -> bool,
+) -> Result<Packet, String> {
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err("timeout".into()),
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Incoming(p)) if pred(&p) => return Ok(p),
+                Ok(_) => {}
+                Err(e) => return Err(format!("connection closed: {e}")),
+            }
+        }
+    }
+}

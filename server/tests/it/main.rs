@@ -1,0 +1,25 @@
+//! The one integration-test binary: every test starts the real server against real dependencies.
+
+mod helpers;
+
+mod broker_auth;
+mod emqx_postgres;
+mod hook_contracts;
+mod registry_api;
+
+/// Runs an async test body once per storage backend, as two named tests.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body($crate::helpers::Db::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$body($crate::helpers::Db::Postgres).await
+            }
+        }
+    };
+}
