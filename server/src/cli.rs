@@ -110,3 +110,15 @@ fn redact_url(url: &str) -> String {
         _ => url.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_are_not_printed() {
+        assert_eq!(
+            super::redact_url("postgres://iothub:s3cret@db:5432/iothub"),
+            "postgres://iothub:***@db:5432/iothub"
+        );
+        assert_eq!(super::redact_url("sqlite://data/iothub.db"), "sqlite://data/iothub.db");
+    }
+}

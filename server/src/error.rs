@@ -23,6 +23,8 @@ pub enum Error {
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
     Unavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -44,6 +46,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -56,6 +59,7 @@ impl Error {
             Error::Conflict(_) => "conflict",
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
+            Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) => "internal",
         }

@@ -48,6 +48,21 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
     }
 }
 
+/// The data directory holds the SQLite database (credential hashes) and generated secrets: owner only.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
 /// Reads a secret from `path`, or creates it (mode 0600) when absent.
 fn persisted_secret(path: &Path) -> anyhow::Result<String> {
     if let Ok(existing) = std::fs::read_to_string(path) {
@@ -88,6 +103,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         config.validate()?;
+        create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
         let store = open_store(&config, config.database.migrate_on_start).await?;
 
@@ -173,7 +189,8 @@ impl Application {
         self.state.clone()
     }
 
-    /// Serves until `shutdown` resolves, then finishes in-flight requests and stops the embedded broker.
+    /// Serves until `shutdown` resolves. The embedded broker stops first (its clients are kicked while the
+    /// hooks can still answer), then in-flight HTTP requests finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let app = api::router(
             self.state.clone(),
@@ -181,10 +198,14 @@ impl Application {
             self.config.http.body_limit_bytes,
         );
         tracing::info!(http = %self.http_addr(), store = self.state.store.backend(), broker = self.state.broker.kind(), "iothub serving");
+        let embedded = self.embedded;
+        let shutdown = async move {
+            shutdown.await;
+            if let Some(broker) = embedded {
+                broker.stop().await;
+            }
+        };
         let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
-        if let Some(embedded) = self.embedded {
-            embedded.stop().await;
-        }
         tracing::info!("iothub stopped");
         served.map_err(Into::into)
     }

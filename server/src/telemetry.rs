@@ -7,9 +7,16 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 use crate::config::{LogConfig, LogFormat};
 
+const SECRET_BEARING_TARGETS: &[&str] = &["rmqtt_http_api", "rmqtt_auth_http", "rmqtt_web_hook"];
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init_tracing(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // RMQTT's plugins print their whole configuration (the http-api bearer token, the hook token in
+    // auth-http headers and web-hook URLs) at info/debug. Secrets are never logged, whatever the level.
+    let filter = SECRET_BEARING_TARGETS
+        .iter()
+        .fold(filter, |f, target| f.add_directive(format!("{target}=warn").parse().expect("static directive")));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match cfg.format {
         LogFormat::Json => registry.with(fmt::layer().json().with_current_span(true).with_span_list(false)).try_init(),

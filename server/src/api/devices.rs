@@ -2,14 +2,14 @@
 //!
 //! Registration and rotation responses are the only places a device secret ever appears.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{device_ref, product_id, ApiJson, ReadAccess, WriteAccess};
-use super::products::page_limit;
+use super::extract::{device_ref, product_id, ApiJson, ApiQuery, OptionalJson, ReadAccess, WriteAccess};
+use super::products::{next_page, page_limit};
 use super::SharedState;
 use crate::domain::registry::{IssuedDevice, MAX_BULK};
 use crate::error::{Error, Problem, Result};
@@ -105,6 +105,8 @@ impl Device {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DevicePage {
     pub items: Vec<Device>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
 }
 
@@ -124,6 +126,7 @@ pub struct Deleted {
 #[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     /// How long the previous secret keeps working, in seconds (default: `auth.rotation_overlap_secs`).
+    /// `0` revokes it at once and disconnects the device's live connections (use after a leak).
     pub overlap_seconds: Option<u64>,
 }
 
@@ -134,6 +137,8 @@ pub struct RotatedSecret {
     pub secret: String,
     /// Unix ms after which previous secrets stop working.
     pub previous_secrets_expire_at: i64,
+    /// With `overlap_seconds = 0` every live connection is kicked (it may be using the old secret).
+    pub connections_kicked: usize,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -151,14 +156,14 @@ fn parse_device_id(raw: Option<String>, field: &str) -> Result<Option<DeviceId>>
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product_id}/devices", tag = "devices",
-    params(("product_id" = String, Path)), request_body = RegisterDevice,
+    params(("product_id" = String, Path)), request_body = Option<RegisterDevice>,
     responses((status = 201, body = DeviceCredentials), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = ["write"])))]
 pub async fn register(
     _: WriteAccess,
     State(state): State<SharedState>,
     Path(product): Path<String>,
-    ApiJson(req): ApiJson<RegisterDevice>,
+    OptionalJson(req): OptionalJson<RegisterDevice>,
 ) -> Result<(StatusCode, Json<DeviceCredentials>)> {
     let product = product_id(product)?;
     let id = parse_device_id(req.device_id, "device_id")?;
@@ -200,7 +205,7 @@ pub async fn list(
     _: ReadAccess,
     State(state): State<SharedState>,
     Path(product): Path<String>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<DevicePage>> {
     let product = product_id(product)?;
     let limit = page_limit(q.limit)?;
@@ -212,8 +217,8 @@ pub async fn list(
         .cursor
         .map(|c| DeviceId::parse(c).map_err(|_| Error::validation("cursor", "not a cursor from a previous page")))
         .transpose()?;
-    let items = state.registry.list_devices(&product, &DeviceFilter { status, after, limit }).await?;
-    let next_cursor = (items.len() as u32 == limit).then(|| items.last().map(|d| d.device.to_string())).flatten();
+    let mut items = state.registry.list_devices(&product, &DeviceFilter { status, after, limit: limit + 1 }).await?;
+    let next_cursor = next_page(&mut items, limit, |d| d.device.to_string());
     Ok(Json(DevicePage { items: items.into_iter().map(|d| Device::from_record(d, None)).collect(), next_cursor }))
 }
 
@@ -271,21 +276,23 @@ pub async fn resume(
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/{device_id}/rotate-secret", tag = "devices",
-    params(("product_id" = String, Path), ("device_id" = String, Path)), request_body = RotateSecret,
+    params(("product_id" = String, Path), ("device_id" = String, Path)), request_body = Option<RotateSecret>,
     responses((status = 200, body = RotatedSecret), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = ["write"])))]
 pub async fn rotate_secret(
     _: WriteAccess,
     State(state): State<SharedState>,
     Path((p, d)): Path<(String, String)>,
-    ApiJson(req): ApiJson<RotateSecret>,
+    OptionalJson(req): OptionalJson<RotateSecret>,
 ) -> Result<Json<RotatedSecret>> {
     let device = device_ref(p, d)?;
-    let (secret, previous_secrets_expire_at) = state.registry.rotate_secret(&device, req.overlap_seconds).await?;
+    let (secret, previous_secrets_expire_at, connections_kicked) =
+        state.registry.rotate_secret(&device, req.overlap_seconds).await?;
     Ok(Json(RotatedSecret {
         product_id: device.product.to_string(),
         device_id: device.device.to_string(),
         secret: secret.expose().to_string(),
         previous_secrets_expire_at,
+        connections_kicked,
     }))
 }

@@ -1,12 +1,12 @@
 //! `/api/v1/products`: create, list, get and delete products.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{product_id, ApiJson, ReadAccess, WriteAccess};
+use super::extract::{product_id, ApiJson, ApiQuery, ReadAccess, WriteAccess};
 use super::SharedState;
 use crate::error::{Error, Problem, Result};
 use crate::ids::ProductId;
@@ -49,6 +49,7 @@ impl From<ProductRecord> for Product {
 pub struct ProductPage {
     pub items: Vec<Product>,
     /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
 }
 
@@ -59,6 +60,16 @@ pub struct PageQuery {
     pub cursor: Option<String>,
     /// Page size, 1-1000 (default 100).
     pub limit: Option<u32>,
+}
+
+/// Trims the look-ahead row fetched beyond `limit` and returns the cursor of the next page, if any.
+pub fn next_page<T>(items: &mut Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() as u32 > limit {
+        items.truncate(limit as usize);
+        items.last().map(cursor_of)
+    } else {
+        None
+    }
 }
 
 pub fn page_limit(limit: Option<u32>) -> Result<u32> {
@@ -95,15 +106,16 @@ pub async fn create(
 pub async fn list(
     _: ReadAccess,
     State(state): State<SharedState>,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> Result<Json<ProductPage>> {
     let limit = page_limit(q.limit)?;
     let after = q
         .cursor
         .map(|c| ProductId::parse(c).map_err(|_| Error::validation("cursor", "not a cursor from a previous page")))
         .transpose()?;
-    let items = state.registry.list_products(after.as_ref(), limit).await?;
-    let next_cursor = (items.len() as u32 == limit).then(|| items.last().map(|p| p.id.to_string())).flatten();
+    // One extra row tells whether another page exists, so the last page never carries a cursor.
+    let mut items = state.registry.list_products(after.as_ref(), limit + 1).await?;
+    let next_cursor = next_page(&mut items, limit, |p| p.id.to_string());
     Ok(Json(ProductPage { items: items.into_iter().map(Product::from).collect(), next_cursor }))
 }
 
@@ -126,7 +138,7 @@ pub async fn delete(
     _: WriteAccess,
     State(state): State<SharedState>,
     Path(product): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode> {
     state.registry.delete_product(&product_id(product)?, q.force).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -7,9 +7,9 @@
 //!   whose rights come from the token's `acl` claim (EMQX 5 format).
 //!
 //! Everything not positively allowed is denied: unknown users, wrong secrets, suspended devices, expired
-//! tokens, topics outside the grant, and any storage error. Device auth records are cached briefly in
-//! memory (config `cache.*`) because every publish is an authz question; changes made through this
-//! instance invalidate the entry at once.
+//! tokens, topics outside the grant, and any storage error. Connects always read the store; authz (every
+//! publish or subscribe the broker cannot decide itself) reads a short-lived in-memory cache (config
+//! `cache.*`) that changes made through this instance invalidate at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,6 +103,14 @@ impl AccessService {
             .map_err(|e: Arc<Error>| Error::Unavailable(format!("device lookup failed: {e}")))
     }
 
+    /// Reads the store (never the cache) and refreshes the cache with what it found. Connects use this so
+    /// a suspension made through any instance bites at the device's next connect, whatever the cache holds.
+    async fn fresh_device_record(&self, device: &DeviceRef) -> Result<Arc<Option<DeviceAuthRecord>>> {
+        let record = Arc::new(self.store.device_auth(device).await?);
+        self.devices.insert(device.broker_username(), record.clone()).await;
+        Ok(record)
+    }
+
     /// Drops the cached auth record so the next decision reads the store.
     pub async fn forget_device(&self, device: &DeviceRef) {
         self.devices.invalidate(&device.broker_username()).await;
@@ -122,7 +130,7 @@ impl AccessService {
             return AuthnDecision::Deny("empty client id");
         }
         if let Some(device) = DeviceRef::from_broker_username(username) {
-            let record = match self.device_record(&device).await {
+            let record = match self.fresh_device_record(&device).await {
                 Ok(r) => r,
                 Err(_) => return AuthnDecision::Deny("registry unavailable"),
             };

@@ -107,6 +107,17 @@ impl RegistryService {
         if ids.len() > MAX_BULK {
             return Err(Error::validation("devices", format!("at most {MAX_BULK} devices per request")));
         }
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(id) = id {
+                if !seen.insert(id.clone()) {
+                    return Err(Error::validation(
+                        format!("devices[{i}].device_id"),
+                        format!("`{id}` appears twice in this request"),
+                    ));
+                }
+            }
+        }
         let mut new = Vec::with_capacity(ids.len());
         let mut issued = Vec::with_capacity(ids.len());
         for id in ids {
@@ -156,8 +167,14 @@ impl RegistryService {
         self.kick(device).await
     }
 
-    /// Issues a new secret. The previous ones keep working for `overlap_secs` (default from config).
-    pub async fn rotate_secret(&self, device: &DeviceRef, overlap_secs: Option<u64>) -> Result<(PlainSecret, i64)> {
+    /// Issues a new secret. The previous ones keep working for `overlap_secs` (default from config). With no
+    /// overlap the rotation answers a leak: live connections (made with the old secret) are kicked too.
+    /// Returns the secret, when the old ones expire, and how many connections were kicked.
+    pub async fn rotate_secret(
+        &self,
+        device: &DeviceRef,
+        overlap_secs: Option<u64>,
+    ) -> Result<(PlainSecret, i64, usize)> {
         let overlap = overlap_secs.unwrap_or(self.default_overlap_secs);
         if overlap > 30 * 86_400 {
             return Err(Error::validation("overlap_seconds", "must be at most 2592000 (30 days)"));
@@ -169,7 +186,8 @@ impl RegistryService {
             return Err(Error::not_found("device", device));
         }
         self.access.forget_device(device).await;
-        Ok((plain, old_expires_at))
+        let kicked = if overlap == 0 { self.kick(device).await? } else { 0 };
+        Ok((plain, old_expires_at, kicked))
     }
 
     async fn kick(&self, device: &DeviceRef) -> Result<usize> {

@@ -120,10 +120,15 @@ async fn secret_rotation_overlaps(db: Db) {
     must_connect(hub.mqtt_addr, "p1/d1-a", "p1/d1", &old).await;
     must_connect(hub.mqtt_addr, "p1/d1-b", "p1/d1", &new).await;
 
-    // No overlap: the old secrets stop at once.
+    // No overlap (a leaked secret): old secrets stop at once and live connections are kicked.
+    let (_c, mut e) = must_connect(hub.mqtt_addr, "p1/d1-live", "p1/d1", &new).await;
+    let watcher = tokio::spawn(async move { wait_for(&mut e, Duration::from_secs(10), |_| false).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, b) = hub
         .call(Method::POST, "/api/v1/products/p1/devices/d1/rotate-secret", Some(json!({"overlap_seconds": 0})))
         .await;
+    assert!(b["connections_kicked"].as_u64().unwrap() >= 1, "{b}");
+    assert!(watcher.await.unwrap().is_err_and(|e| e.starts_with("connection closed")));
     let newest = b["secret"].as_str().unwrap().to_string();
     must_be_refused(hub.mqtt_addr, "p1/d1-c", "p1/d1", &new).await;
     must_be_refused(hub.mqtt_addr, "p1/d1-d", "p1/d1", &old).await;

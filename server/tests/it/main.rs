@@ -3,6 +3,7 @@
 mod helpers;
 
 mod broker_auth;
+mod cli;
 mod emqx_postgres;
 mod hook_contracts;
 mod registry_api;

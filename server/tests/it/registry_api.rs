@@ -36,6 +36,14 @@ async fn product_lifecycle(db: Db) {
     let cursor = b["next_cursor"].as_str().unwrap().to_string();
     let (_, b) = hub.call(Method::GET, &format!("/api/v1/products?limit=1&cursor={cursor}"), None).await;
     assert_eq!(b["items"][0]["id"], "other");
+    assert!(b.get("next_cursor").is_none(), "a full last page carries no cursor: {b}");
+    let (s, b) = hub.call(Method::GET, "/api/v1/products?limit=abc", None).await;
+    assert_eq!((s, b["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("limit")), "{b}");
+    let (s, b) = hub.call(Method::GET, "/api/v1/products?page=2", None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    let resp = hub.request(Method::PUT, "/api/v1/products").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
 
     hub.register("meter", "m1").await;
     let (s, b) = hub.call(Method::DELETE, "/api/v1/products/meter", None).await;
@@ -76,10 +84,12 @@ async fn device_registration(db: Db) {
     let (s, _) = hub.call(Method::POST, "/api/v1/products/nope/devices", Some(json!({}))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 
-    // Generated id.
+    // Generated id, with or without an (all-optional) body.
     let (s, b) = hub.call(Method::POST, "/api/v1/products/p1/devices", Some(json!({}))).await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(b["device_id"].as_str().unwrap().len(), 32);
+    let (s, _) = hub.call(Method::POST, "/api/v1/products/p1/devices", None).await;
+    assert_eq!(s, StatusCode::CREATED);
 
     // Bulk: explicit ids are all-or-nothing.
     let (s, b) = hub
@@ -97,6 +107,15 @@ async fn device_registration(db: Db) {
             Method::POST,
             "/api/v1/products/p1/devices/bulk",
             Some(json!({"devices": [{"device_id": "ok"}, {"device_id": "bad+"}]})),
+        )
+        .await;
+    assert_eq!((s, b["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("devices[1].device_id")), "{b}");
+
+    let (s, b) = hub
+        .call(
+            Method::POST,
+            "/api/v1/products/p1/devices/bulk",
+            Some(json!({"devices": [{"device_id": "x1"}, {"device_id": "x1"}]})),
         )
         .await;
     assert_eq!((s, b["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("devices[1].device_id")), "{b}");
@@ -125,7 +144,7 @@ async fn device_registration(db: Db) {
             None => break,
         }
     }
-    assert_eq!(seen.len(), 2502);
+    assert_eq!(seen.len(), 2503);
 
     // Status filter.
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p1/devices/d1/suspend", None).await;
@@ -163,6 +182,9 @@ async fn api_keys_and_scopes(db: Db) {
 
     let get = |key: &str| hub.http.get(format!("{}/api/v1/products", hub.base)).bearer_auth(key.to_string()).send();
     assert_eq!(get(&read_key).await.unwrap().status(), StatusCode::OK);
+    let lowercase =
+        hub.http.get(format!("{}/api/v1/products", hub.base)).header("authorization", format!("bearer {read_key}"));
+    assert_eq!(lowercase.send().await.unwrap().status(), StatusCode::OK, "auth scheme is case-insensitive");
     let write = hub
         .http
         .post(format!("{}/api/v1/products", hub.base))
