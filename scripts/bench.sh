@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/build-deps.sh
 . scripts/lib/build-deps.sh
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 cargo build --release --locked -p iothub -p iothub-bench
 
 PG_FAST=0 PG_PORT=${PG_PORT:-55433}
@@ -33,6 +34,7 @@ for _ in $(seq 150); do
 done
 
 mkdir -p bench-results
+rm -f bench-results/wrk-*.txt
 {
   echo "## Run $(date -u +%Y-%m-%dT%H:%MZ) at $(git rev-parse --short HEAD)"
   echo
@@ -40,5 +42,17 @@ mkdir -p bench-results
   echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') (fsync on), iothub, load generator all on this machine."
   echo
   ./target/release/iothub-bench --admin-key "$(cat "$work/admin-api-key")" --hook-token bench-hook-token \
-    --base-url "http://127.0.0.1:$port" --pid "$hub_pid" "$@"
+    --base-url "http://127.0.0.1:$port" --pid "$hub_pid" --export "$work/working-set.txt" "$@"
+  # EMQX's hook pools pipeline requests (enable_pipelining); wrk replays that shape on 8 connections.
+  if command -v wrk >/dev/null; then
+    for mode in authz authn; do
+      out=$(DEVICES="$work/working-set.txt" MODE=$mode DEPTH=16 TOKEN=bench-hook-token \
+        wrk -t2 -c8 -d"${WRK_SECONDS:-15}s" --latency -s bench/wrk/pipelined.lua "http://127.0.0.1:$port")
+      echo "$out" > "bench-results/wrk-$mode.txt"
+      rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+      p50=$(echo "$out" | awk '$1=="50%"{print $2}'); p90=$(echo "$out" | awk '$1=="90%"{print $2}')
+      p99=$(echo "$out" | awk '$1=="99%"{print $2}')
+      echo "| $mode, pipelined x16 on 8 connections (EMQX pool shape), working set | $(echo "$out" | awk '/^ANSWERED/{print $2" answered, "$4" not allow"}') | $rps decisions/s | batch of 16: p50 $p50 / p90 $p90 / p99 $p99 (wrk) |"
+    done
+  fi
 } | tee bench-results/latest.md

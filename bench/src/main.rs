@@ -44,6 +44,9 @@ struct Args {
     /// PID of iothub, for its RSS.
     #[arg(long)]
     pid: Option<u32>,
+    /// Also write the working set as "username secret" lines here (input of the pipelined wrk runs).
+    #[arg(long)]
+    export: Option<std::path::PathBuf>,
 }
 
 struct Device {
@@ -207,6 +210,11 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     println!("| scenario | volume | throughput | latency |\n|---|---|---|---|");
     let devices = Arc::new(register(&args, &http).await?);
+    if let Some(path) = &args.export {
+        let lines: String =
+            devices.iter().take(args.working_set).map(|d| format!("{} {}\n", d.username, d.secret)).collect();
+        std::fs::write(path, lines)?;
+    }
     if let Some(pid) = args.pid {
         println!("| iothub RSS after registration | {} devices | {:.0} MiB | |", devices.len(), rss_mib(pid)?);
     }

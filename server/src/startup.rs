@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::adapters::broker_http::HttpBroker;
@@ -205,7 +206,14 @@ impl Application {
                 broker.stop().await;
             }
         };
-        let served = axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await;
+        // Hook responses are small and brokers pipeline them on a few connections (EMQX: enable_pipelining);
+        // with Nagle on, each response would wait for the previous one's ACK.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
         tracing::info!("iothub stopped");
         served.map_err(Into::into)
     }

@@ -105,8 +105,21 @@ impl TestHub {
             }
         };
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind(config.http.listen).await.expect("bind http");
-        let app = Application::build(config, listener).await.expect("iothub starts");
+        // The broker's http-api needs a concrete port, picked by bind-and-release; another test may grab it
+        // in between, so a start that fails is retried on a fresh port.
+        let mut attempt = 0;
+        let app = loop {
+            let listener = tokio::net::TcpListener::bind(config.http.listen).await.expect("bind http");
+            match Application::build(config.clone(), listener).await {
+                Ok(app) => break app,
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    eprintln!("iothub start failed ({e:#}); retrying on other ports");
+                    config.broker.embedded.api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                }
+                Err(e) => panic!("iothub starts: {e:#}"),
+            }
+        };
         let base = format!("http://{}", app.http_addr());
         let mqtt_addr = app.mqtt_addr().expect("embedded broker");
         let state = app.state();
