@@ -226,9 +226,18 @@ impl Config {
         if self.broker.kind != BrokerKind::Embedded {
             anyhow::ensure!(!self.broker.hook_token.is_empty(), "broker.hook_token is required for an external broker");
             anyhow::ensure!(!self.broker.api_url.is_empty(), "broker.api_url is required for an external broker");
+            // Instances and EMQX's JWT authenticator must share one key; a generated per-instance key would
+            // make tokens fail at random.
+            anyhow::ensure!(
+                self.auth.jwt_secret.len() >= 32,
+                "auth.jwt_secret (at least 32 bytes) is required with an external broker"
+            );
         }
         anyhow::ensure!(self.cache.device_ttl_ms <= 60_000, "cache.device_ttl_ms must be at most 60000");
-        anyhow::ensure!(self.auth.jwt_max_ttl_secs > 0, "auth.jwt_max_ttl_secs must be positive");
+        anyhow::ensure!(
+            (1..=30 * 86_400).contains(&self.auth.jwt_max_ttl_secs),
+            "auth.jwt_max_ttl_secs must be between 1 and 2592000"
+        );
         Ok(())
     }
 

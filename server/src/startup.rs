@@ -90,6 +90,12 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        // `mode` only applies to new files; an existing file is tightened too.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(content.as_bytes())?;
     Ok(())
 }

@@ -151,10 +151,14 @@ impl Store for PgStore {
         if count > 0 && !force {
             return Ok(ProductDelete::HasDevices(count));
         }
-        sqlx::query("DELETE FROM devices WHERE product_id = $1").bind(id.as_str()).execute(&mut *tx).await?;
+        let usernames: Vec<String> =
+            sqlx::query_scalar("DELETE FROM devices WHERE product_id = $1 RETURNING broker_username")
+                .bind(id.as_str())
+                .fetch_all(&mut *tx)
+                .await?;
         sqlx::query("DELETE FROM products WHERE id = $1").bind(id.as_str()).execute(&mut *tx).await?;
         tx.commit().await?;
-        Ok(ProductDelete::Deleted)
+        Ok(ProductDelete::Deleted(usernames))
     }
 
     #[tracing::instrument(skip(self, devices), fields(count = devices.len()), name = "pg.insert_devices")]

@@ -122,7 +122,7 @@ pub async fn emqx5_authn(State(state): State<SharedState>, p: HookParams) -> Jso
             Json(json!({"result": "allow", "is_superuser": false, "acl": device_publish_acl(username)}))
         }
         AuthnDecision::AllowToken { acl, expire_at } => {
-            Json(json!({"result": "allow", "is_superuser": false, "acl": acl, "expire_at": expire_at}))
+            Json(json!({"result": "allow", "is_superuser": false, "acl": broker_grants(&acl), "expire_at": expire_at}))
         }
         // Not a device and not one of our tokens: let the rest of EMQX's chain (its JWT authenticator)
         // decide; an exhausted chain refuses the client.
@@ -131,6 +131,17 @@ pub async fn emqx5_authn(State(state): State<SharedState>, p: HookParams) -> Jso
         }
         AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
     }
+}
+
+/// The part of a token ACL the broker may evaluate itself: publish grants before the first deny rule
+/// (first match wins, so they mean the same there). Subscriptions stay with the hook, whose filter
+/// coverage check is exact (brokers let a granted `+` match a requested `#`).
+fn broker_grants(acl: &[crate::domain::access::AclClaim]) -> Vec<Value> {
+    acl.iter()
+        .take_while(|r| r.permission == "allow")
+        .filter(|r| r.action == "publish" || r.action == "all")
+        .map(|r| json!({"permission": "allow", "action": "publish", "topic": r.topic}))
+        .collect()
 }
 
 /// The device's publish grants in EMQX's client-info ACL format. Publishes are the hot path (every message
@@ -190,7 +201,7 @@ pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json
             Json(json!({"result": "allow", "superuser": false, "acl": device_publish_acl(username)}))
         }
         AuthnDecision::AllowToken { acl, expire_at } => {
-            Json(json!({"result": "allow", "superuser": false, "acl": acl, "expire_at": expire_at}))
+            Json(json!({"result": "allow", "superuser": false, "acl": broker_grants(&acl), "expire_at": expire_at}))
         }
         AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
     }

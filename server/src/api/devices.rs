@@ -139,6 +139,9 @@ pub struct RotatedSecret {
     pub previous_secrets_expire_at: i64,
     /// With `overlap_seconds = 0` every live connection is kicked (it may be using the old secret).
     pub connections_kicked: usize,
+    /// Set when that kick failed: the rotation itself succeeded; suspend/resume or retry to disconnect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kick_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -286,13 +289,18 @@ pub async fn rotate_secret(
     OptionalJson(req): OptionalJson<RotateSecret>,
 ) -> Result<Json<RotatedSecret>> {
     let device = device_ref(p, d)?;
-    let (secret, previous_secrets_expire_at, connections_kicked) =
+    let (secret, previous_secrets_expire_at, kicked) =
         state.registry.rotate_secret(&device, req.overlap_seconds).await?;
+    let (connections_kicked, kick_error) = match kicked {
+        Ok(n) => (n, None),
+        Err(e) => (0, Some(e)),
+    };
     Ok(Json(RotatedSecret {
         product_id: device.product.to_string(),
         device_id: device.device.to_string(),
         secret: secret.expose().to_string(),
         previous_secrets_expire_at,
         connections_kicked,
+        kick_error,
     }))
 }

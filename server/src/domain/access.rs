@@ -193,14 +193,19 @@ impl AccessService {
         ttl_secs: Option<u64>,
         acl: Option<Vec<AclClaim>>,
     ) -> Result<(String, i64)> {
-        if username.is_empty()
-            || username.len() > 128
-            || username.contains(['/', '+', '#', '\0'])
-            || !username.is_ascii()
-        {
+        // A username that could be a product id would inherit the broker's auto-subscriptions
+        // (`cmd/${username}/+/+/+/#` covers every device of that product), so token usernames must contain
+        // a character ids never do.
+        let well_formed = !username.is_empty()
+            && username.len() <= 128
+            && username.is_ascii()
+            && !username.contains(['/', '+', '#', '$', '\0', ' '])
+            && username.contains(['.', ':', '@']);
+        if !well_formed {
             return Err(Error::validation(
                 "username",
-                "must be 1-128 ASCII characters without '/', '+', '#' (device usernames cannot be impersonated)",
+                "must be 1-128 ASCII characters containing '.', ':' or '@' and none of '/', '+', '#', '$' \
+                 (so it can never be a device or product identity), e.g. `svc.billing`",
             ));
         }
         let ttl = ttl_secs.unwrap_or(600);

@@ -15,6 +15,9 @@ use crate::ports::broker::BrokerApi;
 use crate::ports::store::*;
 use crate::secrets::{new_device_secret, PlainSecret};
 
+/// Delay of the follow-up kick that catches a connection racing the change (see `kick`).
+const SECOND_KICK_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Largest bulk registration accepted in one request.
 pub const MAX_BULK: usize = 10_000;
 
@@ -63,40 +66,31 @@ impl RegistryService {
         self.store.list_products(after, limit).await
     }
 
-    /// Deletes a product. With `force`, its devices are deleted and kicked too.
+    /// Deletes a product. With `force`, its devices are deleted too, and their live connections are kicked in
+    /// the background (a large product would outlast the request; failures are logged).
     pub async fn delete_product(&self, id: &ProductId, force: bool) -> Result<()> {
-        let doomed = if force { self.all_devices(id).await? } else { Vec::new() };
         match self.store.delete_product(id, force).await? {
             ProductDelete::NotFound => Err(Error::not_found("product", id)),
             ProductDelete::HasDevices(n) => {
                 Err(Error::Conflict(format!("product `{id}` still has {n} devices; delete them or pass force=true")))
             }
-            ProductDelete::Deleted => {
-                for d in &doomed {
-                    self.access.forget_device(d).await;
+            ProductDelete::Deleted(usernames) => {
+                for username in &usernames {
+                    if let Some(device) = DeviceRef::from_broker_username(username) {
+                        self.access.forget_device(&device).await;
+                    }
                 }
-                for d in &doomed {
-                    self.kick(d).await?;
-                }
+                let broker = self.broker.clone();
+                tokio::spawn(async move {
+                    for username in usernames {
+                        if let Err(e) = broker.kick_username(&username).await {
+                            tracing::warn!(%username, error = %e, "kicking a deleted product's device failed");
+                        }
+                    }
+                });
                 Ok(())
             }
         }
-    }
-
-    async fn all_devices(&self, product: &ProductId) -> Result<Vec<DeviceRef>> {
-        let mut out = Vec::new();
-        let mut filter = DeviceFilter { limit: 1000, ..Default::default() };
-        loop {
-            let page = self.store.list_devices(product, &filter).await?;
-            let Some(last) = page.last() else { break };
-            filter.after = Some(last.device.clone());
-            let full = page.len() as u32 == filter.limit;
-            out.extend(page.into_iter().map(|d| DeviceRef::new(d.product, d.device)));
-            if !full {
-                break;
-            }
-        }
-        Ok(out)
     }
 
     /// Registers devices (given ids, or generated ones) atomically: all or none.
@@ -159,12 +153,16 @@ impl RegistryService {
         Ok((record, kicked))
     }
 
+    /// Deletes a device and kicks its connections. Deleting an already-deleted device still kicks, so a
+    /// retry after a failed kick completes the job; it answers 404 unless it found something to kick.
     pub async fn delete_device(&self, device: &DeviceRef) -> Result<usize> {
-        if !self.store.delete_device(device).await? {
+        let existed = self.store.delete_device(device).await?;
+        self.access.forget_device(device).await;
+        let kicked = self.kick(device).await?;
+        if !existed && kicked == 0 {
             return Err(Error::not_found("device", device));
         }
-        self.access.forget_device(device).await;
-        self.kick(device).await
+        Ok(kicked)
     }
 
     /// Issues a new secret. The previous ones keep working for `overlap_secs` (default from config). With no
@@ -174,7 +172,7 @@ impl RegistryService {
         &self,
         device: &DeviceRef,
         overlap_secs: Option<u64>,
-    ) -> Result<(PlainSecret, i64, usize)> {
+    ) -> Result<(PlainSecret, i64, std::result::Result<usize, String>)> {
         let overlap = overlap_secs.unwrap_or(self.default_overlap_secs);
         if overlap > 30 * 86_400 {
             return Err(Error::validation("overlap_seconds", "must be at most 2592000 (30 days)"));
@@ -186,15 +184,28 @@ impl RegistryService {
             return Err(Error::not_found("device", device));
         }
         self.access.forget_device(device).await;
-        let kicked = if overlap == 0 { self.kick(device).await? } else { 0 };
+        // The new secret is already the only valid one: a failed kick must not lose it, so the failure is
+        // reported next to it instead of replacing the answer.
+        let kicked = if overlap == 0 { self.kick(device).await.map_err(|e| e.to_string()) } else { Ok(0) };
         Ok((plain, old_expires_at, kicked))
     }
 
+    /// Kicks now, and once more shortly after: a CONNECT whose authn was answered just before the change
+    /// may only register its session after the first kick's client listing.
     async fn kick(&self, device: &DeviceRef) -> Result<usize> {
-        self.broker.kick_username(&device.broker_username()).await.map_err(|e| {
+        let username = device.broker_username();
+        let kicked = self.broker.kick_username(&username).await.map_err(|e| {
             Error::Unavailable(format!(
                 "the change to `{device}` is saved and denies its next auth check, but kicking its live connections failed ({e}); retry to kick again"
             ))
-        })
+        })?;
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SECOND_KICK_DELAY).await;
+            if let Err(e) = broker.kick_username(&username).await {
+                tracing::warn!(%username, error = %e, "second kick failed");
+            }
+        });
+        Ok(kicked)
     }
 }

@@ -91,9 +91,10 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProductDelete {
-    Deleted,
+    /// Deleted, with the broker usernames of the devices that went with it.
+    Deleted(Vec<String>),
     NotFound,
     HasDevices(i64),
 }

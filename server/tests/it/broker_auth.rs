@@ -143,7 +143,7 @@ async fn jwt_clients_get_exactly_their_acl() {
         .call(
             Method::POST,
             "/api/v1/tokens",
-            Some(json!({"username": "ops-console", "ttl_seconds": 60, "acl": [
+            Some(json!({"username": "ops.console", "ttl_seconds": 60, "acl": [
                 {"permission": "allow", "action": "subscribe", "topic": "upload_data/#"},
                 {"permission": "allow", "action": "publish", "topic": "ops/announce"}
             ]})),
@@ -151,7 +151,7 @@ async fn jwt_clients_get_exactly_their_acl() {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let token = b["token"].as_str().unwrap().to_string();
-    let (c, mut e) = must_connect(hub.mqtt_addr, "ops-1", "ops-console", &token).await;
+    let (c, mut e) = must_connect(hub.mqtt_addr, "ops-1", "ops.console", &token).await;
     c.subscribe("upload_data/#", QoS::AtMostOnce).await.unwrap();
     let Packet::SubAck(ack) =
         wait_for(&mut e, Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_))).await.unwrap()
@@ -168,7 +168,7 @@ async fn jwt_clients_get_exactly_their_acl() {
     assert_eq!(ack.return_codes[0], SubscribeReasonCode::Failure);
 
     must_be_refused(hub.mqtt_addr, "ops-2", "someone-else", &token).await;
-    must_be_refused(hub.mqtt_addr, "ops-3", "ops-console", "not-a-token").await;
+    must_be_refused(hub.mqtt_addr, "ops-3", "ops.console", "not-a-token").await;
 
     let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "p1/d1"}))).await;
     assert_eq!(
@@ -176,7 +176,13 @@ async fn jwt_clients_get_exactly_their_acl() {
         (StatusCode::UNPROCESSABLE_ENTITY, Some("username")),
         "device identities cannot be minted"
     );
-    let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "x", "ttl_seconds": 0}))).await;
+    let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "thermo"}))).await;
+    assert_eq!(
+        (s, b["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("username")),
+        "a product-shaped username would inherit the product's auto-subscriptions"
+    );
+    let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "svc.x", "ttl_seconds": 0}))).await;
     assert_eq!((s, b["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("ttl_seconds")));
     hub.stop().await;
 }

@@ -32,6 +32,56 @@ async fn hook_contracts() {
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
 
+    // RMQTT's web-hook can only send the token as URL userinfo, i.e. HTTP Basic with the token as password.
+    use base64::Engine as _;
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("rmqtt:{token}")));
+    let r = hub
+        .http
+        .post(format!("{}/broker/rmqtt/auth", hub.base))
+        .header("authorization", basic)
+        .json(&json!({"clientid": "p1/d1", "username": "p1/d1", "password": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["result"], "allow");
+    // No GET hooks: credentials would travel in URIs (and land in request logs).
+    let r = hub
+        .http
+        .get(format!("{}/broker/emqx4/auth?username=p1/d1", hub.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    // A token's ACL reaches the broker only as publish grants before the first deny; the rest stays here.
+    let (_, b) = hub
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/tokens",
+            Some(json!({"username": "svc.ops", "acl": [
+                {"permission": "allow", "action": "all", "topic": "ops/#"},
+                {"permission": "allow", "action": "subscribe", "topic": "upload_data/#"},
+                {"permission": "deny", "action": "publish", "topic": "ops/secret"},
+                {"permission": "allow", "action": "publish", "topic": "late/#"}
+            ]})),
+        )
+        .await;
+    let jwt = b["token"].as_str().unwrap().to_string();
+    let (_, b) = post_json(
+        &hub,
+        "/broker/emqx5/authn",
+        &token,
+        json!({"clientid": "o1", "username": "svc.ops", "password": jwt}),
+    )
+    .await;
+    assert_eq!(b["result"], "allow");
+    assert_eq!(b["acl"], json!([{"permission": "allow", "action": "publish", "topic": "ops/#"}]), "{b}");
+    let sys = json!({"clientid": "o1", "username": "svc.ops", "topic": "$SYS/#", "action": "subscribe"});
+    let (_, b) = post_json(&hub, "/broker/emqx5/authz", &token, sys).await;
+    assert_eq!(b["result"], "deny", "a granted `ops/#` or wildcard never reaches $SYS");
+
     // EMQX 5 authn (body template from emqx-config/emqx-http.hocon).
     let authn = |password: &str| json!({"clientid": "p1/d1", "username": "p1/d1", "password": password, "peerhost": "127.0.0.1"});
     let (s, b) = post_json(&hub, "/broker/emqx5/authn", &token, authn(&secret)).await;
