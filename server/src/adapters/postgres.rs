@@ -40,48 +40,7 @@ impl PgStore {
     }
 }
 
-fn product_row(r: &sqlx::postgres::PgRow) -> Result<ProductRecord> {
-    Ok(ProductRecord {
-        id: ProductId::parse(r.try_get::<String, _>("id")?).map_err(|e| anyhow::anyhow!("stored product id: {e}"))?,
-        name: r.try_get("name")?,
-        description: r.try_get("description")?,
-        created_at: r.try_get("created_at")?,
-        device_count: r.try_get("device_count")?,
-    })
-}
-
-fn device_row(r: &sqlx::postgres::PgRow) -> Result<DeviceRecord> {
-    let status: String = r.try_get("status")?;
-    Ok(DeviceRecord {
-        product: ProductId::parse(r.try_get::<String, _>("product_id")?)
-            .map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
-        device: DeviceId::parse(r.try_get::<String, _>("device_id")?).map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
-        status: DeviceStatus::parse(&status).ok_or_else(|| anyhow::anyhow!("stored status {status}"))?,
-        created_at: r.try_get("created_at")?,
-        updated_at: r.try_get("updated_at")?,
-    })
-}
-
-fn credential_row(r: &sqlx::postgres::PgRow) -> Result<CredentialRecord> {
-    Ok(CredentialRecord {
-        id: r.try_get("id")?,
-        secret: SecretHash { salt: r.try_get("salt")?, hash: r.try_get("password_hash")? },
-        created_at: r.try_get("created_at")?,
-        expires_at: r.try_get("expires_at")?,
-    })
-}
-
-fn api_key_row(r: &sqlx::postgres::PgRow) -> Result<ApiKeyRecord> {
-    let scopes: String = r.try_get("scopes")?;
-    Ok(ApiKeyRecord {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        key_hash: r.try_get("key_hash")?,
-        scopes: scopes.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-        created_at: r.try_get("created_at")?,
-        revoked_at: r.try_get("revoked_at")?,
-    })
-}
+super::row_mappers!(sqlx::postgres::PgRow);
 
 const PRODUCT_COLUMNS: &str =
     "p.id, p.name, p.description, p.created_at, (SELECT COUNT(*) FROM devices d WHERE d.product_id = p.id) AS device_count";
