@@ -7,14 +7,15 @@
 //! - RMQTT `rmqtt-auth-http`: EMQX 4 params, but any non-2xx means "ignore" there, so denials must be a
 //!   2xx with `{"result": "deny"}`.
 //!
-//! Every call must carry `Authorization: Bearer {broker.hook_token}`; anything else is 401 and decides
+//! Every call must carry `broker.hook_token` (`Authorization: Bearer ...`, or as the HTTP Basic password for
+//! RMQTT's web-hook); anything else is 401 and decides
 //! nothing. Errors inside a decision deny (fail closed); they never "ignore" into the next authenticator.
 
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,6 +23,7 @@ use base64::prelude::{Engine as _, BASE64_STANDARD};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
+use super::extract::bearer;
 use super::SharedState;
 use crate::domain::access::AuthnDecision;
 use crate::error::Error;
@@ -29,7 +31,7 @@ use crate::ids::DeviceRef;
 use crate::topics::Action;
 
 pub async fn require_hook_token(State(state): State<SharedState>, req: Request, next: Next) -> Response {
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(presented_token);
+    let presented = presented_token(req.headers());
     let ok = presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(state.hook_token.as_bytes())));
     if ok {
         next.run(req).await
@@ -39,13 +41,18 @@ pub async fn require_hook_token(State(state): State<SharedState>, req: Request, 
     }
 }
 
-/// The token from `Bearer {token}`, or the password of `Basic base64(user:{token})` (RMQTT's web-hook can
-/// only send credentials as URL userinfo, which becomes Basic auth).
-fn presented_token(header: &str) -> Option<String> {
-    if let Some(token) = header.strip_prefix("Bearer ") {
-        return Some(token.trim().to_string());
+/// The token from `Bearer {token}` (parsed like API keys are), or the password of
+/// `Basic base64(user:{token})` (RMQTT's web-hook can only send credentials as URL userinfo, which
+/// becomes Basic auth).
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(token) = bearer(headers) {
+        return Some(token.to_string());
     }
-    let encoded = header.strip_prefix("Basic ")?;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
     let decoded = String::from_utf8(BASE64_STANDARD.decode(encoded.trim()).ok()?).ok()?;
     decoded.split_once(':').map(|(_, password)| password.to_string())
 }

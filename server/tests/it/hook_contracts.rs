@@ -45,6 +45,16 @@ async fn hook_contracts() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap()["result"], "allow");
+    // The scheme is case-insensitive, as for API keys.
+    let r = hub
+        .http
+        .post(format!("{}/broker/emqx5/authn", hub.base))
+        .header("authorization", format!("bearer {token}"))
+        .json(&json!({"clientid": "p1/d1", "username": "p1/d1", "password": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["result"], "allow");
     // No GET hooks: credentials would travel in URIs (and land in request logs).
     let r = hub
         .http
