@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine: installs what the tests need (PostgreSQL, protoc),
-# starts a throwaway PostgreSQL on loopback, then runs fmt, clippy and every test. The MQTT broker needs no
-# install: the tests start RMQTT (compiled into iothub) themselves.
+# The whole test suite, from a fresh Debian machine: installs what the tests need (PostgreSQL, Redis, RabbitMQ,
+# protoc), starts throwaway PostgreSQL, Redis and RabbitMQ servers on loopback, then runs fmt, clippy and every
+# test. The MQTT broker needs no install: the tests start RMQTT (compiled into iothub) themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +11,23 @@ cd "$(dirname "$0")/.."
 # A private PostgreSQL cluster (fsync off: throwaway data), trust auth on loopback only.
 # shellcheck source=lib/postgres.sh
 . scripts/lib/postgres.sh
-trap pg_cleanup EXIT
+services_cleanup() {
+  set +e
+  declare -F rabbitmq_cleanup >/dev/null && rabbitmq_cleanup
+  declare -F redis_cleanup >/dev/null && redis_cleanup
+  pg_cleanup
+}
+trap services_cleanup EXIT
 export TEST_POSTGRES_URL="$PG_URL"
+
+# A private Redis (no persistence) and a private RabbitMQ node, both on loopback only. Tests that need to stop
+# and restart a broker start their own disposable node with scripts/rabbitmq-node (TEST_RABBITMQ_NODE_SCRIPT).
+# shellcheck source=lib/redis.sh
+. scripts/lib/redis.sh
+export TEST_REDIS_URL="$REDIS_URL"
+# shellcheck source=lib/rabbitmq.sh
+. scripts/lib/rabbitmq.sh
+export TEST_AMQP_URL="$AMQP_URL" TEST_RABBITMQ_NODE_SCRIPT="$RABBITMQ_NODE_SCRIPT"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -23,6 +23,9 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub auth: AuthConfig,
     pub cache: CacheConfig,
+    pub redis: RedisConfig,
+    pub rabbitmq: RabbitMqConfig,
+    pub events: EventsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,6 +133,68 @@ pub struct CacheConfig {
     pub device_capacity: u64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://` URL shared by all instances (message dedup). Empty: in-process dedup (one instance only).
+    pub url: String,
+    /// Prefix of every key iothub writes, so several deployments (or tests) can share one Redis.
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RabbitMqConfig {
+    /// `amqp://` URL for northbound events. Empty: events go to the in-process stream (SSE) only.
+    pub url: String,
+    /// Exchanges are `{exchange_prefix}.{kind}`, e.g. `iothub.events.upload_data`.
+    pub exchange_prefix: String,
+    /// Connect and publisher-confirm timeout, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// How long a device message id is remembered for deduplication, in seconds.
+    pub dedup_window_secs: u64,
+    /// Most broker events applied in one database transaction.
+    pub batch_max: usize,
+    /// Concurrent batch workers per instance.
+    pub workers: usize,
+    /// How long an outbox row stays with the instance publishing it before any instance may retry it (ms).
+    pub outbox_lease_ms: u64,
+    /// How often the outbox is swept for events that could not be published at once (ms).
+    pub outbox_sweep_ms: u64,
+    /// Events buffered per Server-Sent Events subscriber of the in-process stream.
+    pub stream_buffer: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self { url: String::new(), key_prefix: "iothub:".into() }
+    }
+}
+
+impl Default for RabbitMqConfig {
+    fn default() -> Self {
+        Self { url: String::new(), exchange_prefix: "iothub.events".into(), timeout_ms: 5_000 }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            dedup_window_secs: 6 * 3600,
+            batch_max: 1_000,
+            workers: 2,
+            outbox_lease_ms: 30_000,
+            outbox_sweep_ms: 1_000,
+            stream_buffer: 4_096,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -140,6 +205,9 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             auth: AuthConfig::default(),
             cache: CacheConfig::default(),
+            redis: RedisConfig::default(),
+            rabbitmq: RabbitMqConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -234,6 +302,14 @@ impl Config {
             );
         }
         anyhow::ensure!(self.cache.device_ttl_ms <= 60_000, "cache.device_ttl_ms must be at most 60000");
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.events.batch_max),
+            "events.batch_max must be between 1 and 100000"
+        );
+        anyhow::ensure!((1..=64).contains(&self.events.workers), "events.workers must be between 1 and 64");
+        anyhow::ensure!(self.events.dedup_window_secs >= 1, "events.dedup_window_secs must be at least 1");
+        anyhow::ensure!(self.events.outbox_lease_ms >= 100, "events.outbox_lease_ms must be at least 100");
+        anyhow::ensure!(self.events.outbox_sweep_ms >= 10, "events.outbox_sweep_ms must be at least 10");
         anyhow::ensure!(
             (1..=30 * 86_400).contains(&self.auth.jwt_max_ttl_secs),
             "auth.jwt_max_ttl_secs must be between 1 and 2592000"

@@ -16,14 +16,23 @@ use tokio::net::TcpListener;
 
 use crate::adapters::broker_http::HttpBroker;
 use crate::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
+use crate::adapters::memory_bus::MemoryBus;
+use crate::adapters::memory_dedup::MemoryDedup;
 use crate::adapters::postgres::PgStore;
+use crate::adapters::rabbitmq::RabbitBus;
+use crate::adapters::redis_dedup::RedisDedup;
 use crate::adapters::sqlite::SqliteStore;
 use crate::api::{self, AppState, SharedState};
 use crate::config::{BrokerKind, Config};
 use crate::domain::access::AccessService;
 use crate::domain::api_keys::{ApiKeyService, Scope};
+use crate::domain::history::HistoryService;
+use crate::domain::ingest::{IngestService, IngestSettings, IN_FLIGHT_TTL};
 use crate::domain::registry::RegistryService;
+use crate::domain::relay::{self, RelaySettings};
 use crate::ports::broker::BrokerApi;
+use crate::ports::dedup::Deduplicator;
+use crate::ports::event_bus::EventBus;
 use crate::ports::store::Store;
 use crate::secrets::random_token;
 use crate::telemetry;
@@ -171,13 +180,52 @@ impl Application {
             tracing::warn!(path = %path.display(), "no API key existed; wrote a bootstrap admin key to this file (mode 0600)");
         }
 
+        let dedup_window = Duration::from_secs(config.events.dedup_window_secs);
+        let dedup: Arc<dyn Deduplicator> = if config.redis.url.is_empty() {
+            Arc::new(MemoryDedup::new(dedup_window, IN_FLIGHT_TTL))
+        } else {
+            Arc::new(
+                RedisDedup::connect(&config.redis.url, &config.redis.key_prefix, dedup_window, IN_FLIGHT_TTL)
+                    .await
+                    .context("connecting to Redis")?,
+            )
+        };
+        let bus: Arc<dyn EventBus> = if config.rabbitmq.url.is_empty() {
+            Arc::new(MemoryBus::new(config.events.stream_buffer))
+        } else {
+            // Connected lazily: RabbitMQ being down at start must not stop devices from being served;
+            // events wait in the outbox.
+            Arc::new(RabbitBus::new(
+                &config.rabbitmq.url,
+                &config.rabbitmq.exchange_prefix,
+                Duration::from_millis(config.rabbitmq.timeout_ms),
+            ))
+        };
+        let lease_ms = config.events.outbox_lease_ms as i64;
+        let relay = relay::start(
+            store.clone(),
+            bus.clone(),
+            RelaySettings { lease_ms, sweep_every: Duration::from_millis(config.events.outbox_sweep_ms) },
+        );
+        let ingest = IngestService::start(
+            store.clone(),
+            dedup.clone(),
+            relay,
+            IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
+        );
+
         let state = Arc::new(AppState {
+            history: HistoryService::new(store.clone()),
             store,
             broker,
             registry,
             access,
             api_keys,
+            ingest,
+            dedup,
+            bus,
             hook_token,
+            closing: tokio::sync::watch::channel(false).0,
             metrics: telemetry::metrics_handle(),
         });
         Ok(Self { listener, state, config, embedded })
@@ -206,8 +254,10 @@ impl Application {
         );
         tracing::info!(http = %self.http_addr(), store = self.state.store.backend(), broker = self.state.broker.kind(), "iothub serving");
         let embedded = self.embedded;
+        let state = self.state.clone();
         let shutdown = async move {
             shutdown.await;
+            state.closing.send_replace(true);
             if let Some(broker) = embedded {
                 broker.stop().await;
             }

@@ -158,10 +158,246 @@ pub fn filter_permits(filter: &str, action: Action, topic: &str) -> bool {
     }
 }
 
+/// A topic a device publishes to iothub, parsed strictly: exact level count, ids by the id alphabet,
+/// names and message ids by [`is_name`] / [`is_message_id`]. Anything else is not ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream<'a> {
+    /// `upload_data/{p}/{d}/{dataType}/{messageId}`; data types starting with `$` are internal.
+    UploadData { product: &'a str, device: &'a str, data_type: &'a str, message_id: &'a str },
+    /// `update_status/{p}/{d}/{messageId}`
+    UpdateStatus { product: &'a str, device: &'a str, message_id: &'a str },
+    /// `update_ota_status/{p}/{d}/{messageId}`
+    UpdateOtaStatus { product: &'a str, device: &'a str, message_id: &'a str },
+    /// `cmd_resp/{p}/{d}/{command}/{requestId}/{messageId}`
+    CmdResp { product: &'a str, device: &'a str, command: &'a str, request_id: &'a str, message_id: &'a str },
+    /// `rpc_resp/{p}/{d}/{command}/{requestId}/{messageId}`
+    RpcResp { product: &'a str, device: &'a str, command: &'a str, request_id: &'a str, message_id: &'a str },
+    /// `get/{p}/{d}/{resource}/{messageId}`; resources starting with `$` are internal (`$ntp`, `$tags`, ...).
+    DataRequest { product: &'a str, device: &'a str, resource: &'a str, message_id: &'a str },
+    /// `m2m/{p}/{target}/{sender}/{messageId}`
+    M2m { product: &'a str, target: &'a str, sender: &'a str, message_id: &'a str },
+}
+
+/// Why a published topic is not an upstream topic of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not an upstream topic")]
+    UnknownKind,
+    #[error("wrong number of topic levels")]
+    Levels,
+    #[error("invalid product or device id level")]
+    Id,
+    #[error("invalid name level")]
+    Name,
+    #[error("invalid message or request id level")]
+    MessageId,
+}
+
+impl UpstreamError {
+    /// Stable label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::UnknownKind => "unknown_kind",
+            UpstreamError::Levels => "levels",
+            UpstreamError::Id => "id",
+            UpstreamError::Name => "name",
+            UpstreamError::MessageId => "message_id",
+        }
+    }
+}
+
+/// Longest message/request id accepted; ObjectIds (24), UUIDs (36) and ULIDs (26) fit with room.
+pub const MAX_MESSAGE_ID_LEN: usize = 128;
+
+/// Message and request ids: `[A-Za-z0-9_.:-]{1,128}`.
+pub fn is_message_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_MESSAGE_ID_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+}
+
+/// Data types, resources and command names: an optional leading `$` (internal) then `[A-Za-z0-9_.-]{1,64}`.
+pub fn is_name(s: &str) -> bool {
+    let body = s.strip_prefix('$').unwrap_or(s);
+    !body.is_empty()
+        && body.len() <= crate::ids::MAX_ID_LEN
+        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Whether a data type, resource or command name is reserved for iothub's own protocol.
+pub fn is_internal_name(s: &str) -> bool {
+    s.starts_with('$')
+}
+
+fn id(s: &str) -> Result<&str, UpstreamError> {
+    crate::ids::validate_id(s).map(|_| s).map_err(|_| UpstreamError::Id)
+}
+fn name(s: &str) -> Result<&str, UpstreamError> {
+    if is_name(s) {
+        Ok(s)
+    } else {
+        Err(UpstreamError::Name)
+    }
+}
+fn message_id(s: &str) -> Result<&str, UpstreamError> {
+    if is_message_id(s) {
+        Ok(s)
+    } else {
+        Err(UpstreamError::MessageId)
+    }
+}
+
+/// Parses a topic published by a device.
+pub fn parse_upstream(topic: &str) -> Result<Upstream<'_>, UpstreamError> {
+    let mut levels = topic.split('/');
+    let kind = levels.next().unwrap_or_default();
+    let rest: Vec<&str> = levels.collect();
+    let expect = |n: usize| if rest.len() == n { Ok(()) } else { Err(UpstreamError::Levels) };
+    match kind {
+        "upload_data" => {
+            expect(4)?;
+            Ok(Upstream::UploadData {
+                product: id(rest[0])?,
+                device: id(rest[1])?,
+                data_type: name(rest[2])?,
+                message_id: message_id(rest[3])?,
+            })
+        }
+        "update_status" | "update_ota_status" => {
+            expect(3)?;
+            let (product, device, message_id) = (id(rest[0])?, id(rest[1])?, message_id(rest[2])?);
+            Ok(if kind == "update_status" {
+                Upstream::UpdateStatus { product, device, message_id }
+            } else {
+                Upstream::UpdateOtaStatus { product, device, message_id }
+            })
+        }
+        "cmd_resp" | "rpc_resp" => {
+            expect(5)?;
+            let (product, device, command) = (id(rest[0])?, id(rest[1])?, name(rest[2])?);
+            let (request_id, message_id) = (message_id(rest[3])?, message_id(rest[4])?);
+            Ok(if kind == "cmd_resp" {
+                Upstream::CmdResp { product, device, command, request_id, message_id }
+            } else {
+                Upstream::RpcResp { product, device, command, request_id, message_id }
+            })
+        }
+        "get" => {
+            expect(4)?;
+            Ok(Upstream::DataRequest {
+                product: id(rest[0])?,
+                device: id(rest[1])?,
+                resource: name(rest[2])?,
+                message_id: message_id(rest[3])?,
+            })
+        }
+        "m2m" => {
+            expect(4)?;
+            Ok(Upstream::M2m {
+                product: id(rest[0])?,
+                target: id(rest[1])?,
+                sender: id(rest[2])?,
+                message_id: message_id(rest[3])?,
+            })
+        }
+        _ => Err(UpstreamError::UnknownKind),
+    }
+}
+
+impl<'a> Upstream<'a> {
+    /// The device the topic says is speaking: it must be the publishing client's own identity.
+    pub fn speaker(&self) -> (&'a str, &'a str) {
+        match *self {
+            Upstream::UploadData { product, device, .. }
+            | Upstream::UpdateStatus { product, device, .. }
+            | Upstream::UpdateOtaStatus { product, device, .. }
+            | Upstream::CmdResp { product, device, .. }
+            | Upstream::RpcResp { product, device, .. }
+            | Upstream::DataRequest { product, device, .. } => (product, device),
+            Upstream::M2m { product, sender, .. } => (product, sender),
+        }
+    }
+
+    /// Stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Upstream::UploadData { .. } => "upload_data",
+            Upstream::UpdateStatus { .. } => "update_status",
+            Upstream::UpdateOtaStatus { .. } => "update_ota_status",
+            Upstream::CmdResp { .. } => "cmd_resp",
+            Upstream::RpcResp { .. } => "rpc_resp",
+            Upstream::DataRequest { .. } => "get",
+            Upstream::M2m { .. } => "m2m",
+        }
+    }
+}
+
+/// Filters for the broker's publish event rules: exactly the upstream kinds iothub consumes.
+pub const UPSTREAM_FILTERS: &[&str] =
+    &["upload_data/#", "update_status/#", "update_ota_status/#", "cmd_resp/#", "rpc_resp/#", "get/#"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn upstream_topics_parse_strictly() {
+        assert_eq!(
+            parse_upstream("upload_data/p/d/temp/m1"),
+            Ok(Upstream::UploadData { product: "p", device: "d", data_type: "temp", message_id: "m1" })
+        );
+        assert_eq!(
+            parse_upstream("update_status/p/d/5f1d7a"),
+            Ok(Upstream::UpdateStatus { product: "p", device: "d", message_id: "5f1d7a" })
+        );
+        assert_eq!(
+            parse_upstream("get/p/d/$ntp/m1"),
+            Ok(Upstream::DataRequest { product: "p", device: "d", resource: "$ntp", message_id: "m1" })
+        );
+        assert_eq!(parse_upstream("m2m/p/t/s/m1").unwrap().speaker(), ("p", "s"));
+        assert_eq!(
+            parse_upstream("rpc_resp/p/d/reboot/r-1/m1"),
+            Ok(Upstream::RpcResp { product: "p", device: "d", command: "reboot", request_id: "r-1", message_id: "m1" })
+        );
+        let bad = [
+            ("upload_data/p/d/temp", UpstreamError::Levels),
+            ("upload_data/p/d/temp/m1/x", UpstreamError::Levels),
+            ("upload_data/p/d/temp/", UpstreamError::MessageId),
+            ("upload_data/p/d/te mp/m1", UpstreamError::Name),
+            ("upload_data/p/d/$/m1", UpstreamError::Name),
+            ("upload_data/p/d/$$x/m1", UpstreamError::Name),
+            ("upload_data/p+/d/t/m1", UpstreamError::Id),
+            ("upload_data//d/t/m1", UpstreamError::Id),
+            ("update_status/p/d/m#", UpstreamError::MessageId),
+            ("cmd/p/d/x/plain/r1", UpstreamError::UnknownKind),
+            ("", UpstreamError::UnknownKind),
+        ];
+        for (topic, err) in bad {
+            assert_eq!(parse_upstream(topic), Err(err), "{topic}");
+        }
+    }
+
+    proptest! {
+        /// Whatever a device publishes, parsing never panics, and an accepted topic is one the device's
+        /// own ACL allows (for the device it names) — the grammar and the ACL agree.
+        #[test]
+        fn upstream_parse_agrees_with_acl(topic in "[a-z_$/+#pdm1.:-]{0,40}") {
+            if let Ok(up) = parse_upstream(&topic) {
+                let (p, d) = up.speaker();
+                prop_assert!(device_may(p, d, Action::Publish, &topic), "{topic}");
+            }
+        }
+
+        #[test]
+        fn well_formed_upstream_roundtrips(p in "[A-Za-z0-9_-]{1,64}", d in "[A-Za-z0-9_-]{1,64}",
+                                           t in "\\$?[A-Za-z0-9_.-]{1,64}", m in "[A-Za-z0-9_.:-]{1,128}") {
+            let topic = format!("upload_data/{p}/{d}/{t}/{m}");
+            let parsed = parse_upstream(&topic);
+            prop_assert_eq!(parsed, Ok(Upstream::UploadData { product: &p, device: &d, data_type: &t, message_id: &m }));
+            prop_assert!(device_may(&p, &d, Action::Publish, &topic));
+        }
+    }
 
     #[test]
     fn device_grants() {

@@ -81,9 +81,13 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
         acl = toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/acl", None)?.as_str()),
     );
     // web-hook cannot send headers: the token rides as URL userinfo, which becomes Basic auth on the wire.
-    // Event rules are added with the webhook receiver; until then the plugin forwards nothing.
+    // Publishes are forwarded only for the upstream topics iothub consumes (topics::UPSTREAM_FILTERS).
+    let publish_topics = crate::topics::UPSTREAM_FILTERS.iter().map(|t| toml_str(t)).collect::<Vec<_>>().join(", ");
     let web_hook = format!(
-        "queue_capacity = 100000\nconcurrency_limit = 64\nhttp_timeout = \"5s\"\nretry_max_elapsed_time = \"60s\"\nretry_multiplier = 2.5\nurls = [{}]\n",
+        "queue_capacity = 100000\nconcurrency_limit = 64\nhttp_timeout = \"5s\"\nretry_max_elapsed_time = \"60s\"\nretry_multiplier = 2.5\nurls = [{}]\n\
+         rule.client_connected = [{{ action = \"client_connected\" }}]\n\
+         rule.client_disconnected = [{{ action = \"client_disconnected\" }}]\n\
+         rule.message_publish = [{{ action = \"message_publish\", topics = [{publish_topics}] }}]\n",
         toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/webhook", Some(&s.hook_token))?.as_str())
     );
     let http_api = format!(

@@ -3,10 +3,16 @@
 //! - `postgres` / `sqlite`: the [`Store`](crate::ports::store::Store) for production and embedded profiles.
 //! - `broker_http`: the [`BrokerApi`](crate::ports::broker::BrokerApi) over EMQX 5 or EMQX 4 / RMQTT REST.
 //! - `embedded_broker`: RMQTT running inside this process, wired to this instance's hooks.
+//! - `redis_dedup` / `memory_dedup`: the [`Deduplicator`](crate::ports::dedup::Deduplicator).
+//! - `rabbitmq` / `memory_bus`: the [`EventBus`](crate::ports::event_bus::EventBus).
 
 pub mod broker_http;
 pub mod embedded_broker;
+pub mod memory_bus;
+pub mod memory_dedup;
 pub mod postgres;
+pub mod rabbitmq;
+pub mod redis_dedup;
 pub mod sqlite;
 
 use crate::error::Error;
@@ -36,6 +42,8 @@ macro_rules! row_mappers {
                 status: DeviceStatus::parse(&status).ok_or_else(|| anyhow::anyhow!("stored status {status}"))?,
                 created_at: r.try_get("created_at")?,
                 updated_at: r.try_get("updated_at")?,
+                online: r.try_get("online")?,
+                last_seen_at: r.try_get("last_seen_at")?,
             })
         }
 
@@ -45,6 +53,24 @@ macro_rules! row_mappers {
                 secret: SecretHash { salt: r.try_get("salt")?, hash: r.try_get("password_hash")? },
                 created_at: r.try_get("created_at")?,
                 expires_at: r.try_get("expires_at")?,
+            })
+        }
+
+        fn message_row(r: &$row) -> Result<MessageRecord> {
+            Ok(MessageRecord {
+                message_id: r.try_get("message_id")?,
+                data_type: r.try_get("data_type")?,
+                payload: r.try_get("payload")?,
+                sent_at: r.try_get("sent_at")?,
+                stored_at: r.try_get("stored_at")?,
+            })
+        }
+
+        fn report_row(r: &$row) -> Result<ReportRecord> {
+            Ok(ReportRecord {
+                message_id: r.try_get("message_id")?,
+                payload_json: r.try_get("payload")?,
+                reported_at: r.try_get("reported_at")?,
             })
         }
 
@@ -69,4 +95,124 @@ pub(crate) fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> Erro
         sqlx::Error::Database(db) if db.is_unique_violation() => Error::Conflict(what()),
         _ => e.into(),
     }
+}
+
+/// Presence SQL shared by both stores, written with `$n` placeholders (SQLite gets `?n`).
+///
+/// A session's connect and disconnect merge into one row keyed by `session_key`, each filling only what is
+/// still unknown, so the two events commute and replays change nothing (`RETURNING` yields a row only when
+/// something changed). A device is online when, for some client id, its newest session (by connect time,
+/// or disconnect time while the connect is still unknown) is open: a stale disconnect or a taken-over
+/// session never hides a newer connection.
+pub(crate) mod presence_sql {
+    pub const CONNECTED: &str = "INSERT INTO device_connections
+            (product_id, device_id, client_id, session_key, connected_at, ip_address, proto_ver, keepalive, clean_start, node)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+        ON CONFLICT (product_id, device_id, client_id, session_key) DO UPDATE SET
+            connected_at = EXCLUDED.connected_at, ip_address = EXCLUDED.ip_address, proto_ver = EXCLUDED.proto_ver,
+            keepalive = EXCLUDED.keepalive, clean_start = EXCLUDED.clean_start, node = EXCLUDED.node
+        WHERE device_connections.keepalive IS NULL
+        RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
+
+    pub const DISCONNECTED: &str = "INSERT INTO device_connections
+            (product_id, device_id, client_id, session_key, connected_at, disconnected_at, reason, ip_address, node)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        ON CONFLICT (product_id, device_id, client_id, session_key) DO UPDATE SET
+            disconnected_at = EXCLUDED.disconnected_at, reason = EXCLUDED.reason,
+            connected_at = COALESCE(device_connections.connected_at, EXCLUDED.connected_at),
+            ip_address = COALESCE(device_connections.ip_address, EXCLUDED.ip_address),
+            node = COALESCE(device_connections.node, EXCLUDED.node)
+        WHERE device_connections.disconnected_at IS NULL
+        RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
+
+    /// Closed sessions older than the retention go when the device connects again (late webhooks for
+    /// them stopped long before).
+    pub const PRUNE: &str = "DELETE FROM device_connections
+        WHERE product_id = $1 AND device_id = $2 AND disconnected_at IS NOT NULL AND disconnected_at < $3";
+
+    pub const RECOMPUTE: &str = "UPDATE devices SET
+            online = EXISTS (
+                SELECT 1 FROM device_connections c
+                WHERE c.product_id = $1 AND c.device_id = $2 AND c.disconnected_at IS NULL
+                  AND NOT EXISTS (
+                      SELECT 1 FROM device_connections n
+                      WHERE n.product_id = c.product_id AND n.device_id = c.device_id AND n.client_id = c.client_id
+                        AND (COALESCE(n.connected_at, n.disconnected_at), n.session_key)
+                          > (COALESCE(c.connected_at, c.disconnected_at), c.session_key))),
+            last_seen_at = CASE WHEN COALESCE(last_seen_at, 0) > $3 THEN last_seen_at ELSE $3 END
+        WHERE product_id = $1 AND device_id = $2
+        RETURNING online";
+
+    pub const LIST: &str = "SELECT client_id, connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive,
+            clean_start, node
+        FROM device_connections WHERE product_id = $1 AND device_id = $2
+        ORDER BY COALESCE(connected_at, disconnected_at) DESC, session_key DESC LIMIT $3";
+
+    /// Closed sessions are kept this long (ms) for the connection list.
+    pub const RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+}
+
+/// Builds the connection event from the merged row a presence upsert returned.
+macro_rules! connection_event {
+    ($change:expr, $row:expr, $online:expr) => {{
+        use sqlx::Row;
+        let change: &PresenceChange = $change;
+        let row = $row;
+        let (device, client_id, session_key, event) = match change {
+            PresenceChange::Connected { device, client_id, session_key, .. } => {
+                (device, client_id, session_key, "connected")
+            }
+            PresenceChange::Disconnected { device, client_id, session_key, .. } => {
+                (device, client_id, session_key, "disconnected")
+            }
+        };
+        crate::domain::events::ConnectionEvent {
+            event_id: crate::domain::events::ConnectionEvent::id_for(device, client_id, session_key, event),
+            event: event.to_string(),
+            product_id: device.product.to_string(),
+            device_id: device.device.to_string(),
+            client_id: client_id.clone(),
+            online: $online,
+            connected_at: row.try_get("connected_at")?,
+            disconnected_at: row.try_get("disconnected_at")?,
+            reason: row.try_get("reason")?,
+            ip_address: row.try_get("ip_address")?,
+            proto_ver: row.try_get("proto_ver")?,
+            keepalive: row.try_get("keepalive")?,
+            clean_start: row.try_get("clean_start")?,
+            node: row.try_get("node")?,
+        }
+        .into_bus_event(device)
+    }};
+}
+pub(crate) use connection_event;
+
+macro_rules! connection_row {
+    ($row:expr) => {{
+        use sqlx::Row;
+        let r = $row;
+        ConnectionRecord {
+            client_id: r.try_get("client_id")?,
+            connected_at: r.try_get("connected_at")?,
+            disconnected_at: r.try_get("disconnected_at")?,
+            reason: r.try_get("reason")?,
+            ip_address: r.try_get("ip_address")?,
+            proto_ver: r.try_get("proto_ver")?,
+            keepalive: r.try_get("keepalive")?,
+            clean_start: r.try_get("clean_start")?,
+            node: r.try_get("node")?,
+        }
+    }};
+}
+pub(crate) use connection_row;
+
+/// Whether `text` can go into a JSON column: valid JSON without NUL escapes, which PostgreSQL's JSONB
+/// rejects (a whole batch would fail on one such payload).
+pub(crate) fn storable_json(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    if text.contains("\\u0000") {
+        return None;
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    Some(text)
 }

@@ -8,8 +8,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
 use super::conflict_or;
+use super::{connection_event, connection_row, presence_sql};
+use crate::domain::events::EventKind;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::event_bus::BusEvent;
 use crate::ports::store::*;
 use crate::secrets::SecretHash;
 
@@ -115,6 +118,7 @@ impl Store for PgStore {
                 .bind(id.as_str())
                 .fetch_all(&mut *tx)
                 .await?;
+        sqlx::query("DELETE FROM device_messages WHERE product_id = $1").bind(id.as_str()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM products WHERE id = $1").bind(id.as_str()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(ProductDelete::Deleted(usernames))
@@ -178,7 +182,7 @@ impl Store for PgStore {
     #[tracing::instrument(skip(self), fields(device = %device), name = "pg.get_device")]
     async fn get_device(&self, device: &DeviceRef) -> Result<Option<DeviceRecord>> {
         let row = sqlx::query(
-            "SELECT product_id, device_id, status, created_at, updated_at FROM devices WHERE product_id = $1 AND device_id = $2",
+            "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices WHERE product_id = $1 AND device_id = $2",
         )
         .bind(device.product.as_str())
         .bind(device.device.as_str())
@@ -190,14 +194,16 @@ impl Store for PgStore {
     #[tracing::instrument(skip(self, filter), name = "pg.list_devices")]
     async fn list_devices(&self, product: &ProductId, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>> {
         let rows = sqlx::query(
-            "SELECT product_id, device_id, status, created_at, updated_at FROM devices
+            "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices
              WHERE product_id = $1 AND ($2::TEXT IS NULL OR status = $2) AND ($3::TEXT IS NULL OR device_id > $3)
+               AND ($5::BOOLEAN IS NULL OR online = $5)
              ORDER BY device_id LIMIT $4",
         )
         .bind(product.as_str())
         .bind(filter.status.as_ref().map(|s| s.as_str()))
         .bind(filter.after.as_ref().map(|a| a.as_str()))
         .bind(i64::from(filter.limit))
+        .bind(filter.online)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(device_row).collect()
@@ -218,11 +224,18 @@ impl Store for PgStore {
 
     #[tracing::instrument(skip(self), fields(device = %device), name = "pg.delete_device")]
     async fn delete_device(&self, device: &DeviceRef) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM devices WHERE product_id = $1 AND device_id = $2")
             .bind(device.product.as_str())
             .bind(device.device.as_str())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM device_messages WHERE product_id = $1 AND device_id = $2")
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -354,4 +367,327 @@ impl Store for PgStore {
     async fn count_api_keys(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await?)
     }
+
+    #[tracing::instrument(skip_all, name = "pg.ingest",
+        fields(messages = batch.messages.len(), reports = batch.reports.len(), presence = batch.presence.len()))]
+    async fn ingest(&self, batch: &IngestBatch, now: i64, lease_ms: i64) -> Result<IngestOutcome> {
+        let mut attempt = 0;
+        loop {
+            match self.ingest_once(batch, now, lease_ms).await {
+                // Another instance touching the same devices in a different order: run the batch again.
+                Err(sqlx::Error::Database(db))
+                    if matches!(db.code().as_deref(), Some("40P01" | "40001")) && attempt < 3 =>
+                {
+                    attempt += 1;
+                    tracing::debug!(attempt, "ingest transaction retried after a deadlock");
+                }
+                other => return other.map_err(Into::into),
+            }
+        }
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.outbox_lease")]
+    async fn outbox_lease(&self, limit: u32, now: i64, lease_ms: i64) -> Result<Vec<OutboxRecord>> {
+        let rows = sqlx::query(
+            "UPDATE event_outbox SET leased_until = $1 WHERE id IN (
+                 SELECT id FROM event_outbox WHERE leased_until < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
+             RETURNING id, kind, routing_key, event_id, body",
+        )
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut records = rows.iter().map(outbox_row).collect::<Result<Vec<_>>>()?;
+        records.sort_by_key(|r| r.id);
+        Ok(records)
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()), name = "pg.outbox_ack")]
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)").bind(ids).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()), name = "pg.outbox_release")]
+    async fn outbox_release(&self, ids: &[i64]) -> Result<()> {
+        sqlx::query("UPDATE event_outbox SET leased_until = 0 WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.outbox_len")]
+    async fn outbox_len(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM event_outbox").fetch_one(&self.pool).await?)
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "pg.list_connections")]
+    async fn list_connections(&self, device: &DeviceRef, limit: u32) -> Result<Vec<ConnectionRecord>> {
+        let rows = sqlx::query(presence_sql::LIST)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(connection_row!(r))).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.count_online")]
+    async fn count_online(&self, product: &ProductId) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE product_id = $1 AND online")
+            .bind(product.as_str())
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    #[tracing::instrument(skip(self, filter), fields(device = %device), name = "pg.list_messages")]
+    async fn list_messages(&self, device: &DeviceRef, filter: &MessageFilter) -> Result<Vec<MessageRecord>> {
+        let (after_at, after_id) = filter.after.clone().unzip();
+        let rows = sqlx::query(
+            "SELECT message_id, data_type, payload, sent_at, stored_at FROM device_messages
+             WHERE product_id = $1 AND device_id = $2
+               AND ($3::TEXT IS NULL OR data_type = $3)
+               AND ($4::BIGINT IS NULL OR sent_at >= $4)
+               AND ($5::BIGINT IS NULL OR sent_at < $5)
+               AND ($6::BIGINT IS NULL OR (sent_at, message_id) > ($6, $7::TEXT))
+             ORDER BY sent_at, message_id LIMIT $8",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(filter.data_type.as_deref())
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(message_row).collect()
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "pg.get_message")]
+    async fn get_message(&self, device: &DeviceRef, message_id: &str) -> Result<Option<MessageRecord>> {
+        let row = sqlx::query(
+            "SELECT message_id, data_type, payload, sent_at, stored_at FROM device_messages
+             WHERE product_id = $1 AND device_id = $2 AND message_id = $3",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(message_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(message_row).transpose()
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "pg.get_report")]
+    async fn get_report(&self, device: &DeviceRef, kind: ReportKind) -> Result<Option<ReportRecord>> {
+        let row = sqlx::query(
+            "SELECT message_id, payload::TEXT AS payload, reported_at FROM device_reports
+             WHERE product_id = $1 AND device_id = $2 AND kind = $3",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(kind.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(report_row).transpose()
+    }
+}
+
+impl PgStore {
+    async fn ingest_once(
+        &self,
+        batch: &IngestBatch,
+        now: i64,
+        lease_ms: i64,
+    ) -> std::result::Result<IngestOutcome, sqlx::Error> {
+        let mut out = IngestOutcome::default();
+        let mut events: Vec<BusEvent> = Vec::new();
+        let mut tx = self.pool.begin().await?;
+
+        if !batch.messages.is_empty() {
+            let m = &batch.messages;
+            let inserted: Vec<(String, String, String)> = sqlx::query_as(
+                "INSERT INTO device_messages
+                     (product_id, device_id, message_id, data_type, payload, payload_json, sent_at, stored_at)
+                 SELECT p, d, m, t, b, j::JSONB, s, $8
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::BYTEA[], $6::TEXT[], $7::BIGINT[])
+                      AS u(p, d, m, t, b, j, s)
+                 ON CONFLICT DO NOTHING
+                 RETURNING product_id, device_id, message_id",
+            )
+            .bind(m.iter().map(|x| x.device.product.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.device.device.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.message_id.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.data_type.as_str()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.payload.as_slice()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.payload_json.as_deref()).collect::<Vec<_>>())
+            .bind(m.iter().map(|x| x.sent_at).collect::<Vec<_>>())
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let fresh: std::collections::HashSet<(&str, &str, &str)> =
+                inserted.iter().map(|(p, d, m)| (p.as_str(), d.as_str(), m.as_str())).collect();
+            for msg in m {
+                if fresh.contains(&(msg.device.product.as_str(), msg.device.device.as_str(), msg.message_id.as_str())) {
+                    out.messages_stored += 1;
+                    events.push(msg.event.clone());
+                } else {
+                    out.messages_duplicate += 1;
+                }
+            }
+        }
+
+        if !batch.reports.is_empty() {
+            let r = &batch.reports;
+            let done = sqlx::query(
+                "INSERT INTO device_reports (product_id, device_id, kind, payload, message_id, reported_at)
+                 SELECT u.p, u.d, u.k, u.j::JSONB, u.m, u.r
+                 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::BIGINT[]) AS u(p, d, k, j, m, r)
+                 WHERE EXISTS (SELECT 1 FROM devices v WHERE v.product_id = u.p AND v.device_id = u.d)
+                 ON CONFLICT (product_id, device_id, kind) DO UPDATE SET
+                     payload = EXCLUDED.payload, message_id = EXCLUDED.message_id, reported_at = EXCLUDED.reported_at
+                 WHERE device_reports.reported_at <= EXCLUDED.reported_at",
+            )
+            .bind(r.iter().map(|x| x.device.product.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.device.device.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.kind.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.payload_json.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.message_id.as_str()).collect::<Vec<_>>())
+            .bind(r.iter().map(|x| x.reported_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+            out.reports_applied = done.rows_affected() as usize;
+        }
+        events.extend(batch.events.iter().cloned());
+
+        for change in &batch.presence {
+            let device = change.device();
+            // Lock the device first: the recompute below must see every session another transaction added.
+            let exists =
+                sqlx::query("SELECT 1 FROM devices WHERE product_id = $1 AND device_id = $2 FOR NO KEY UPDATE")
+                    .bind(device.product.as_str())
+                    .bind(device.device.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if exists.is_none() {
+                continue;
+            }
+            let merged = match change {
+                PresenceChange::Connected {
+                    client_id,
+                    session_key,
+                    connected_at,
+                    ip_address,
+                    proto_ver,
+                    keepalive,
+                    clean_start,
+                    node,
+                    ..
+                } => {
+                    sqlx::query(presence_sql::PRUNE)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(now - presence_sql::RETENTION_MS)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(presence_sql::CONNECTED)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(client_id)
+                        .bind(session_key)
+                        .bind(connected_at)
+                        .bind(ip_address)
+                        .bind(proto_ver)
+                        .bind(keepalive)
+                        .bind(clean_start)
+                        .bind(node)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                PresenceChange::Disconnected {
+                    client_id,
+                    session_key,
+                    connected_at,
+                    disconnected_at,
+                    reason,
+                    ip_address,
+                    node,
+                    ..
+                } => {
+                    sqlx::query(presence_sql::DISCONNECTED)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(client_id)
+                        .bind(session_key)
+                        .bind(connected_at)
+                        .bind(disconnected_at)
+                        .bind(reason)
+                        .bind(ip_address)
+                        .bind(node)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+            };
+            let Some(merged) = merged else { continue };
+            let online: bool = sqlx::query_scalar(presence_sql::RECOMPUTE)
+                .bind(device.product.as_str())
+                .bind(device.device.as_str())
+                .bind(change.at())
+                .fetch_one(&mut *tx)
+                .await?;
+            out.presence_applied += 1;
+            events.push(connection_event!(change, &merged, online));
+        }
+
+        if !events.is_empty() {
+            let ids: Vec<(i64, String)> = sqlx::query_as(
+                "INSERT INTO event_outbox (kind, routing_key, event_id, body, created_at, leased_until)
+                 SELECT k, r, e, b, $5, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BYTEA[]) AS u(k, r, e, b)
+                 RETURNING id, event_id",
+            )
+            .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.routing_key.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.body.as_slice()).collect::<Vec<_>>())
+            .bind(now)
+            .bind(now + lease_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+            out.outbox = pair_outbox_ids(events, ids);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// Matches returned outbox ids to events by event id (events with equal ids are the same fact).
+pub(crate) fn pair_outbox_ids(events: Vec<BusEvent>, ids: Vec<(i64, String)>) -> Vec<OutboxRecord> {
+    let mut by_id: std::collections::HashMap<String, Vec<BusEvent>> = std::collections::HashMap::new();
+    for e in events {
+        by_id.entry(e.event_id.clone()).or_default().push(e);
+    }
+    let mut out: Vec<OutboxRecord> = ids
+        .into_iter()
+        .filter_map(|(id, event_id)| {
+            by_id.get_mut(&event_id).and_then(Vec::pop).map(|event| OutboxRecord { id, event })
+        })
+        .collect();
+    out.sort_by_key(|r| r.id);
+    out
+}
+
+fn outbox_row(r: &sqlx::postgres::PgRow) -> Result<OutboxRecord> {
+    let kind: String = r.try_get("kind")?;
+    Ok(OutboxRecord {
+        id: r.try_get("id")?,
+        event: BusEvent {
+            kind: EventKind::parse(&kind).ok_or_else(|| anyhow::anyhow!("stored event kind {kind}"))?,
+            routing_key: r.try_get("routing_key")?,
+            event_id: r.try_get("event_id")?,
+            body: r.try_get("body")?,
+        },
+    })
 }

@@ -13,8 +13,11 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::conflict_or;
+use super::{connection_event, connection_row, presence_sql};
+use crate::domain::events::EventKind;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::event_bus::BusEvent;
 use crate::ports::store::*;
 use crate::secrets::SecretHash;
 
@@ -124,6 +127,7 @@ impl Store for SqliteStore {
                 .bind(id.as_str())
                 .fetch_all(&mut *tx)
                 .await?;
+        sqlx::query("DELETE FROM device_messages WHERE product_id = ?1").bind(id.as_str()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM products WHERE id = ?1").bind(id.as_str()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(ProductDelete::Deleted(usernames))
@@ -167,7 +171,7 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.get_device")]
     async fn get_device(&self, device: &DeviceRef) -> Result<Option<DeviceRecord>> {
         let row = sqlx::query(
-            "SELECT product_id, device_id, status, created_at, updated_at FROM devices WHERE product_id = ?1 AND device_id = ?2",
+            "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices WHERE product_id = ?1 AND device_id = ?2",
         )
         .bind(device.product.as_str())
         .bind(device.device.as_str())
@@ -179,14 +183,16 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip(self, filter), name = "sqlite.list_devices")]
     async fn list_devices(&self, product: &ProductId, filter: &DeviceFilter) -> Result<Vec<DeviceRecord>> {
         let rows = sqlx::query(
-            "SELECT product_id, device_id, status, created_at, updated_at FROM devices
+            "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices
              WHERE product_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR device_id > ?3)
+               AND (?5 IS NULL OR online = ?5)
              ORDER BY device_id LIMIT ?4",
         )
         .bind(product.as_str())
         .bind(filter.status.as_ref().map(|s| s.as_str()))
         .bind(filter.after.as_ref().map(|a| a.as_str()))
         .bind(i64::from(filter.limit))
+        .bind(filter.online)
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(device_row).collect()
@@ -207,11 +213,18 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.delete_device")]
     async fn delete_device(&self, device: &DeviceRef) -> Result<bool> {
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query("DELETE FROM devices WHERE product_id = ?1 AND device_id = ?2")
             .bind(device.product.as_str())
             .bind(device.device.as_str())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query("DELETE FROM device_messages WHERE product_id = ?1 AND device_id = ?2")
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -343,4 +356,299 @@ impl Store for SqliteStore {
     async fn count_api_keys(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await?)
     }
+
+    #[tracing::instrument(skip_all, name = "sqlite.ingest",
+        fields(messages = batch.messages.len(), reports = batch.reports.len(), presence = batch.presence.len()))]
+    async fn ingest(&self, batch: &IngestBatch, now: i64, lease_ms: i64) -> Result<IngestOutcome> {
+        let mut out = IngestOutcome::default();
+        let mut events: Vec<BusEvent> = Vec::new();
+        let mut tx = self.writer.begin().await?;
+
+        for msg in &batch.messages {
+            let done = sqlx::query(
+                "INSERT INTO device_messages
+                     (product_id, device_id, message_id, data_type, payload, payload_json, sent_at, stored_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+            )
+            .bind(msg.device.product.as_str())
+            .bind(msg.device.device.as_str())
+            .bind(&msg.message_id)
+            .bind(&msg.data_type)
+            .bind(&msg.payload)
+            .bind(msg.payload_json.as_deref())
+            .bind(msg.sent_at)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                out.messages_stored += 1;
+                events.push(msg.event.clone());
+            } else {
+                out.messages_duplicate += 1;
+            }
+        }
+
+        for r in &batch.reports {
+            let done = sqlx::query(
+                "INSERT INTO device_reports (product_id, device_id, kind, payload, message_id, reported_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6
+                 WHERE EXISTS (SELECT 1 FROM devices v WHERE v.product_id = ?1 AND v.device_id = ?2)
+                 ON CONFLICT (product_id, device_id, kind) DO UPDATE SET
+                     payload = excluded.payload, message_id = excluded.message_id, reported_at = excluded.reported_at
+                 WHERE device_reports.reported_at <= excluded.reported_at",
+            )
+            .bind(r.device.product.as_str())
+            .bind(r.device.device.as_str())
+            .bind(r.kind.as_str())
+            .bind(&r.payload_json)
+            .bind(&r.message_id)
+            .bind(r.reported_at)
+            .execute(&mut *tx)
+            .await?;
+            out.reports_applied += done.rows_affected() as usize;
+        }
+        events.extend(batch.events.iter().cloned());
+
+        for change in &batch.presence {
+            let device = change.device();
+            let exists = sqlx::query("SELECT 1 FROM devices WHERE product_id = ?1 AND device_id = ?2")
+                .bind(device.product.as_str())
+                .bind(device.device.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                continue;
+            }
+            let merged = match change {
+                PresenceChange::Connected {
+                    client_id,
+                    session_key,
+                    connected_at,
+                    ip_address,
+                    proto_ver,
+                    keepalive,
+                    clean_start,
+                    node,
+                    ..
+                } => {
+                    sqlx::query(&SQL.prune)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(now - presence_sql::RETENTION_MS)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(&SQL.connected)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(client_id)
+                        .bind(session_key)
+                        .bind(connected_at)
+                        .bind(ip_address)
+                        .bind(proto_ver)
+                        .bind(keepalive)
+                        .bind(clean_start)
+                        .bind(node)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+                PresenceChange::Disconnected {
+                    client_id,
+                    session_key,
+                    connected_at,
+                    disconnected_at,
+                    reason,
+                    ip_address,
+                    node,
+                    ..
+                } => {
+                    sqlx::query(&SQL.disconnected)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(client_id)
+                        .bind(session_key)
+                        .bind(connected_at)
+                        .bind(disconnected_at)
+                        .bind(reason)
+                        .bind(ip_address)
+                        .bind(node)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                }
+            };
+            let Some(merged) = merged else { continue };
+            let online: bool = sqlx::query_scalar(&SQL.recompute)
+                .bind(device.product.as_str())
+                .bind(device.device.as_str())
+                .bind(change.at())
+                .fetch_one(&mut *tx)
+                .await?;
+            out.presence_applied += 1;
+            events.push(connection_event!(change, &merged, online));
+        }
+
+        for event in events {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO event_outbox (kind, routing_key, event_id, body, created_at, leased_until)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+            )
+            .bind(event.kind.as_str())
+            .bind(&event.routing_key)
+            .bind(&event.event_id)
+            .bind(&event.body)
+            .bind(now)
+            .bind(now + lease_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            out.outbox.push(OutboxRecord { id, event });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.outbox_lease")]
+    async fn outbox_lease(&self, limit: u32, now: i64, lease_ms: i64) -> Result<Vec<OutboxRecord>> {
+        let rows = sqlx::query(
+            "UPDATE event_outbox SET leased_until = ?1 WHERE id IN (
+                 SELECT id FROM event_outbox WHERE leased_until < ?2 ORDER BY id LIMIT ?3)
+             RETURNING id, kind, routing_key, event_id, body",
+        )
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.writer)
+        .await?;
+        let mut records = rows.iter().map(outbox_row).collect::<Result<Vec<_>>>()?;
+        records.sort_by_key(|r| r.id);
+        Ok(records)
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()), name = "sqlite.outbox_ack")]
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM event_outbox WHERE id = ?1").bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(count = ids.len()), name = "sqlite.outbox_release")]
+    async fn outbox_release(&self, ids: &[i64]) -> Result<()> {
+        let mut tx = self.writer.begin().await?;
+        for id in ids {
+            sqlx::query("UPDATE event_outbox SET leased_until = 0 WHERE id = ?1").bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.outbox_len")]
+    async fn outbox_len(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM event_outbox").fetch_one(&self.reader).await?)
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.list_connections")]
+    async fn list_connections(&self, device: &DeviceRef, limit: u32) -> Result<Vec<ConnectionRecord>> {
+        let rows = sqlx::query(&SQL.list)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(|r| Ok(connection_row!(r))).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.count_online")]
+    async fn count_online(&self, product: &ProductId) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE product_id = ?1 AND online")
+            .bind(product.as_str())
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    #[tracing::instrument(skip(self, filter), fields(device = %device), name = "sqlite.list_messages")]
+    async fn list_messages(&self, device: &DeviceRef, filter: &MessageFilter) -> Result<Vec<MessageRecord>> {
+        let (after_at, after_id) = filter.after.clone().unzip();
+        let rows = sqlx::query(
+            "SELECT message_id, data_type, payload, sent_at, stored_at FROM device_messages
+             WHERE product_id = ?1 AND device_id = ?2
+               AND (?3 IS NULL OR data_type = ?3)
+               AND (?4 IS NULL OR sent_at >= ?4)
+               AND (?5 IS NULL OR sent_at < ?5)
+               AND (?6 IS NULL OR (sent_at, message_id) > (?6, ?7))
+             ORDER BY sent_at, message_id LIMIT ?8",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(filter.data_type.as_deref())
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(after_at)
+        .bind(after_id)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(message_row).collect()
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.get_message")]
+    async fn get_message(&self, device: &DeviceRef, message_id: &str) -> Result<Option<MessageRecord>> {
+        let row = sqlx::query(
+            "SELECT message_id, data_type, payload, sent_at, stored_at FROM device_messages
+             WHERE product_id = ?1 AND device_id = ?2 AND message_id = ?3",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(message_id)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(message_row).transpose()
+    }
+
+    #[tracing::instrument(skip(self), fields(device = %device), name = "sqlite.get_report")]
+    async fn get_report(&self, device: &DeviceRef, kind: ReportKind) -> Result<Option<ReportRecord>> {
+        let row = sqlx::query(
+            "SELECT message_id, payload, reported_at FROM device_reports
+             WHERE product_id = ?1 AND device_id = ?2 AND kind = ?3",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .bind(kind.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(report_row).transpose()
+    }
+}
+
+/// The shared presence SQL with SQLite's `?n` placeholders.
+struct PresenceSql {
+    connected: String,
+    disconnected: String,
+    prune: String,
+    recompute: String,
+    list: String,
+}
+
+static SQL: std::sync::LazyLock<PresenceSql> = std::sync::LazyLock::new(|| {
+    let q = |s: &str| s.replace('$', "?");
+    PresenceSql {
+        connected: q(presence_sql::CONNECTED),
+        disconnected: q(presence_sql::DISCONNECTED),
+        prune: q(presence_sql::PRUNE),
+        recompute: q(presence_sql::RECOMPUTE),
+        list: q(presence_sql::LIST),
+    }
+});
+
+fn outbox_row(r: &SqliteRow) -> Result<OutboxRecord> {
+    let kind: String = r.try_get("kind")?;
+    Ok(OutboxRecord {
+        id: r.try_get("id")?,
+        event: BusEvent {
+            kind: EventKind::parse(&kind).ok_or_else(|| anyhow::anyhow!("stored event kind {kind}"))?,
+            routing_key: r.try_get("routing_key")?,
+            event_id: r.try_get("event_id")?,
+            body: r.try_get("body")?,
+        },
+    })
 }

@@ -14,7 +14,7 @@ use super::SharedState;
 use crate::domain::registry::{IssuedDevice, MAX_BULK};
 use crate::error::{Error, Problem, Result};
 use crate::ids::DeviceId;
-use crate::ports::store::{CredentialRecord, DeviceFilter, DeviceRecord, DeviceStatus};
+use crate::ports::store::{ConnectionRecord, CredentialRecord, DeviceFilter, DeviceRecord, DeviceStatus};
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -80,11 +80,50 @@ pub struct Device {
     pub status: DeviceStatus,
     pub created_at: i64,
     pub updated_at: i64,
-    /// Live connections (filled by presence tracking; empty until the broker reports one).
-    pub connections: Vec<serde_json::Value>,
+    /// Whether any broker session of the device is open (ordered by the broker's own timestamps).
+    pub online: bool,
+    /// Broker time of the latest connect or disconnect.
+    pub last_seen_at: Option<i64>,
+    /// Recent broker sessions, newest first (single-device reads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<Vec<Connection>>,
     /// Credential metadata only; hashes and secrets are never returned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Vec<Credential>>,
+}
+
+/// One broker session of a device.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Connection {
+    pub client_id: String,
+    /// Open when `disconnected_at` is absent.
+    pub connected: bool,
+    pub connected_at: Option<i64>,
+    pub disconnected_at: Option<i64>,
+    /// Broker's disconnect reason (e.g. `normal`, `kicked`, `takenover`, `keepalive_timeout`).
+    pub reason: Option<String>,
+    pub ip_address: Option<String>,
+    pub proto_ver: Option<i32>,
+    pub keepalive: Option<i32>,
+    pub clean_start: Option<bool>,
+    pub node: Option<String>,
+}
+
+impl From<ConnectionRecord> for Connection {
+    fn from(c: ConnectionRecord) -> Self {
+        Self {
+            connected: c.disconnected_at.is_none(),
+            client_id: c.client_id,
+            connected_at: c.connected_at,
+            disconnected_at: c.disconnected_at,
+            reason: c.reason,
+            ip_address: c.ip_address,
+            proto_ver: c.proto_ver,
+            keepalive: c.keepalive,
+            clean_start: c.clean_start,
+            node: c.node,
+        }
+    }
 }
 
 impl Device {
@@ -96,7 +135,9 @@ impl Device {
             status: d.status,
             created_at: d.created_at,
             updated_at: d.updated_at,
-            connections: Vec::new(),
+            online: d.online,
+            last_seen_at: d.last_seen_at,
+            connections: None,
             credentials: credentials.map(|c| c.into_iter().map(Credential::from).collect()),
         }
     }
@@ -149,6 +190,8 @@ pub struct RotatedSecret {
 pub struct ListQuery {
     /// `active` or `suspended`.
     pub status: Option<String>,
+    /// `true`: only devices with an open broker session; `false`: only offline ones.
+    pub online: Option<bool>,
     pub cursor: Option<String>,
     /// Page size, 1-1000 (default 100).
     pub limit: Option<u32>,
@@ -220,7 +263,10 @@ pub async fn list(
         .cursor
         .map(|c| DeviceId::parse(c).map_err(|_| Error::validation("cursor", "not a cursor from a previous page")))
         .transpose()?;
-    let mut items = state.registry.list_devices(&product, &DeviceFilter { status, after, limit: limit + 1 }).await?;
+    let mut items = state
+        .registry
+        .list_devices(&product, &DeviceFilter { status, online: q.online, after, limit: limit + 1 })
+        .await?;
     let next_cursor = next_page(&mut items, limit, |d| d.device.to_string());
     Ok(Json(DevicePage { items: items.into_iter().map(|d| Device::from_record(d, None)).collect(), next_cursor }))
 }
@@ -233,8 +279,12 @@ pub async fn get(
     State(state): State<SharedState>,
     Path((p, d)): Path<(String, String)>,
 ) -> Result<Json<Device>> {
-    let (record, credentials) = state.registry.get_device(&device_ref(p, d)?).await?;
-    Ok(Json(Device::from_record(record, Some(credentials))))
+    let device = device_ref(p, d)?;
+    let (record, credentials) = state.registry.get_device(&device).await?;
+    let connections = state.history.connections(&device).await?;
+    let mut view = Device::from_record(record, Some(credentials));
+    view.connections = Some(connections.into_iter().map(Connection::from).collect());
+    Ok(Json(view))
 }
 
 #[utoipa::path(delete, path = "/api/v1/products/{product_id}/devices/{device_id}", tag = "devices",

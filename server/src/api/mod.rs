@@ -5,12 +5,14 @@
 //! hook token) and operators (`/healthz`, `/readyz`, `/metrics`, unauthenticated).
 
 pub mod api_keys;
+pub mod broker_events;
 pub mod broker_hooks;
 pub mod devices;
 pub mod extract;
 pub mod health;
 pub mod openapi;
 pub mod products;
+pub mod telemetry;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -29,8 +31,12 @@ use tower_http::trace::TraceLayer;
 
 use crate::domain::access::AccessService;
 use crate::domain::api_keys::ApiKeyService;
+use crate::domain::history::HistoryService;
+use crate::domain::ingest::IngestService;
 use crate::domain::registry::RegistryService;
 use crate::ports::broker::BrokerApi;
+use crate::ports::dedup::Deduplicator;
+use crate::ports::event_bus::EventBus;
 use crate::ports::store::Store;
 
 pub struct AppState {
@@ -39,7 +45,13 @@ pub struct AppState {
     pub registry: RegistryService,
     pub access: Arc<AccessService>,
     pub api_keys: ApiKeyService,
+    pub history: HistoryService,
+    pub ingest: IngestService,
+    pub dedup: Arc<dyn Deduplicator>,
+    pub bus: Arc<dyn EventBus>,
     pub hook_token: String,
+    /// Flips to `true` when shutdown begins, so long-lived responses (SSE) end and HTTP can drain.
+    pub closing: tokio::sync::watch::Sender<bool>,
     pub metrics: PrometheusHandle,
 }
 
@@ -55,6 +67,10 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/products/{product_id}/devices/{device_id}/suspend", post(devices::suspend))
         .route("/products/{product_id}/devices/{device_id}/resume", post(devices::resume))
         .route("/products/{product_id}/devices/{device_id}/rotate-secret", post(devices::rotate_secret))
+        .route("/products/{product_id}/devices/{device_id}/messages", get(telemetry::list_messages))
+        .route("/products/{product_id}/devices/{device_id}/messages/{message_id}", get(telemetry::get_message))
+        .route("/products/{product_id}/devices/{device_id}/status", get(telemetry::get_status))
+        .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/api-keys/{key_id}", delete(api_keys::revoke))
         .route("/tokens", post(tokens::issue));
@@ -68,6 +84,9 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/emqx4/superuser", post(broker_hooks::emqx4_superuser))
         .route("/rmqtt/auth", post(broker_hooks::rmqtt_auth))
         .route("/rmqtt/acl", post(broker_hooks::rmqtt_acl))
+        .route("/emqx5/events", post(broker_events::emqx5_events))
+        .route("/emqx4/webhook", post(broker_events::emqx4_webhook))
+        .route("/rmqtt/webhook", post(broker_events::rmqtt_webhook))
         .route_layer(middleware::from_fn_with_state(state.clone(), broker_hooks::require_hook_token));
 
     Router::new()

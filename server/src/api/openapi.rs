@@ -4,15 +4,16 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{api_keys, devices, products, tokens};
+use super::{api_keys, devices, products, telemetry, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "iothub API",
-        description = "Business API of iothub: products, devices, credentials, API keys and MQTT tokens. \
-            Every call needs `Authorization: Bearer <API key>`; errors are RFC 9457 problem+json documents \
-            whose `field` names the invalid input.",
+        description = "Business API of iothub: products, devices, credentials, API keys, MQTT tokens, device \
+            data history, status and the live event stream. Every call needs `Authorization: Bearer <API key>`; \
+            errors are RFC 9457 problem+json documents whose `field` names the invalid input. Northbound \
+            RabbitMQ event schemas: docs/events.md.",
         license(name = "Apache-2.0")
     ),
     paths(
@@ -21,11 +22,12 @@ use super::{api_keys, devices, products, tokens};
         devices::suspend, devices::resume, devices::rotate_secret,
         api_keys::create, api_keys::list, api_keys::revoke,
         tokens::issue,
+        telemetry::list_messages, telemetry::get_message, telemetry::get_status, telemetry::stream,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),
     tags(
-        (name = "products"), (name = "devices"), (name = "api-keys"), (name = "tokens"),
+        (name = "products"), (name = "devices"), (name = "api-keys"), (name = "tokens"), (name = "telemetry"),
     )
 )]
 pub struct ApiDoc;

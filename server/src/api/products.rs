@@ -31,6 +31,9 @@ pub struct Product {
     /// Unix milliseconds.
     pub created_at: i64,
     pub device_count: i64,
+    /// Devices with an open broker session (single-product reads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online_count: Option<i64>,
 }
 
 impl From<ProductRecord> for Product {
@@ -41,6 +44,7 @@ impl From<ProductRecord> for Product {
             description: p.description,
             created_at: p.created_at,
             device_count: p.device_count,
+            online_count: None,
         }
     }
 }
@@ -127,7 +131,9 @@ pub async fn get(
     State(state): State<SharedState>,
     Path(product): Path<String>,
 ) -> Result<Json<Product>> {
-    Ok(Json(state.registry.get_product(&product_id(product)?).await?.into()))
+    let product = state.registry.get_product(&product_id(product)?).await?;
+    let online_count = state.history.online_count(&product.id).await?;
+    Ok(Json(Product { online_count: Some(online_count), ..product.into() }))
 }
 
 #[utoipa::path(delete, path = "/api/v1/products/{product_id}", tag = "products",

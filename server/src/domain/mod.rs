@@ -2,4 +2,8 @@
 
 pub mod access;
 pub mod api_keys;
+pub mod events;
+pub mod history;
+pub mod ingest;
 pub mod registry;
+pub mod relay;

@@ -2,7 +2,9 @@
 //!
 //! Each port has a production adapter and an embedded one (see `adapters/`), chosen by configuration at start.
 //! Domain code depends only on these traits, which is what lets one code base run as a single binary on
-//! SQLite or as a stateless fleet on PostgreSQL and EMQX.
+//! SQLite or as a stateless fleet on PostgreSQL, Redis, RabbitMQ and EMQX.
 
 pub mod broker;
+pub mod dedup;
+pub mod event_bus;
 pub mod store;

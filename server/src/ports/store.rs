@@ -1,12 +1,15 @@
-//! The persistence port: products, devices, device credentials and API keys.
+//! The persistence port: products, devices, device credentials, API keys, and what devices report
+//! (presence, data history, status) together with the event outbox.
 //!
 //! Implemented for PostgreSQL (production) and SQLite (embedded). Every multi-row change is one
-//! transaction, so a failed bulk registration writes nothing. Times are Unix milliseconds.
+//! transaction, so a failed bulk registration writes nothing and an ingested batch is stored with its
+//! outbox events or not at all. Times are Unix milliseconds.
 
 use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::event_bus::BusEvent;
 use crate::secrets::SecretHash;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -55,6 +58,10 @@ pub struct DeviceRecord {
     pub status: DeviceStatus,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Whether any broker session of the device is open.
+    pub online: bool,
+    /// Broker time of the latest connect or disconnect.
+    pub last_seen_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +83,7 @@ pub struct DeviceAuthRecord {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceFilter {
     pub status: Option<DeviceStatus>,
+    pub online: Option<bool>,
     /// Return devices whose id sorts after this one (cursor pagination).
     pub after: Option<DeviceId>,
     pub limit: u32,
@@ -97,6 +105,164 @@ pub enum ProductDelete {
     Deleted(Vec<String>),
     NotFound,
     HasDevices(i64),
+}
+
+/// An `upload_data` message to keep, with the event announcing it (emitted only if the message is new).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub device: DeviceRef,
+    pub message_id: String,
+    pub data_type: String,
+    pub payload: Vec<u8>,
+    /// The payload as JSON text, when it is JSON the database can index.
+    pub payload_json: Option<String>,
+    /// Broker receive time.
+    pub sent_at: i64,
+    pub event: BusEvent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    Status,
+    Ota,
+}
+
+impl ReportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportKind::Status => "status",
+            ReportKind::Ota => "ota",
+        }
+    }
+}
+
+/// A JSON report (`update_status`, `update_ota_status`); the newest by `reported_at` is kept.
+#[derive(Debug, Clone)]
+pub struct NewReport {
+    pub device: DeviceRef,
+    pub kind: ReportKind,
+    pub message_id: String,
+    pub payload_json: String,
+    pub reported_at: i64,
+}
+
+/// One side of a broker session. `session_key` is the same in a session's connect and disconnect events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    Connected {
+        device: DeviceRef,
+        client_id: String,
+        session_key: String,
+        connected_at: i64,
+        ip_address: Option<String>,
+        proto_ver: Option<i32>,
+        keepalive: i32,
+        clean_start: Option<bool>,
+        node: Option<String>,
+    },
+    Disconnected {
+        device: DeviceRef,
+        client_id: String,
+        session_key: String,
+        connected_at: Option<i64>,
+        disconnected_at: i64,
+        reason: String,
+        ip_address: Option<String>,
+        node: Option<String>,
+    },
+}
+
+impl PresenceChange {
+    pub fn device(&self) -> &DeviceRef {
+        match self {
+            PresenceChange::Connected { device, .. } | PresenceChange::Disconnected { device, .. } => device,
+        }
+    }
+
+    /// Broker time of the change.
+    pub fn at(&self) -> i64 {
+        match self {
+            PresenceChange::Connected { connected_at, .. } => *connected_at,
+            PresenceChange::Disconnected { disconnected_at, .. } => *disconnected_at,
+        }
+    }
+}
+
+/// What one webhook batch (or several, grouped) asks the store to apply atomically.
+#[derive(Debug, Clone, Default)]
+pub struct IngestBatch {
+    pub messages: Vec<NewMessage>,
+    /// At most one per (device, kind): the caller keeps the newest.
+    pub reports: Vec<NewReport>,
+    /// Sorted by device, so concurrent batches lock devices in the same order.
+    pub presence: Vec<PresenceChange>,
+    /// Events emitted whatever the store finds (reports: every accepted report is announced).
+    pub events: Vec<BusEvent>,
+}
+
+impl IngestBatch {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.reports.is_empty() && self.presence.is_empty() && self.events.is_empty()
+    }
+}
+
+/// An event committed to the outbox, not yet confirmed by the bus.
+#[derive(Debug, Clone)]
+pub struct OutboxRecord {
+    pub id: i64,
+    pub event: BusEvent,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IngestOutcome {
+    pub messages_stored: usize,
+    pub messages_duplicate: usize,
+    pub reports_applied: usize,
+    pub presence_applied: usize,
+    /// Outbox rows written by this batch (leased to the caller for publishing).
+    pub outbox: Vec<OutboxRecord>,
+}
+
+/// One broker session of a device, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionRecord {
+    pub client_id: String,
+    pub connected_at: Option<i64>,
+    pub disconnected_at: Option<i64>,
+    pub reason: Option<String>,
+    pub ip_address: Option<String>,
+    pub proto_ver: Option<i32>,
+    pub keepalive: Option<i32>,
+    pub clean_start: Option<bool>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub message_id: String,
+    pub data_type: String,
+    pub payload: Vec<u8>,
+    pub sent_at: i64,
+    pub stored_at: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MessageFilter {
+    pub data_type: Option<String>,
+    /// Inclusive lower bound on `sent_at`.
+    pub from: Option<i64>,
+    /// Exclusive upper bound on `sent_at`.
+    pub to: Option<i64>,
+    /// Continue after this `(sent_at, message_id)` (cursor pagination, ascending).
+    pub after: Option<(i64, String)>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReportRecord {
+    pub message_id: String,
+    pub payload_json: String,
+    pub reported_at: i64,
 }
 
 #[async_trait]
@@ -137,4 +303,23 @@ pub trait Store: Send + Sync + 'static {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>>;
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool>;
     async fn count_api_keys(&self) -> Result<i64>;
+
+    /// Applies a batch in one transaction, writing an outbox row for every effective change. Replays are
+    /// harmless: a known message id stores nothing and emits nothing; a presence fact already known
+    /// changes nothing. The outbox rows come back leased for `lease_ms` to the caller, who publishes them.
+    async fn ingest(&self, batch: &IngestBatch, now: i64, lease_ms: i64) -> Result<IngestOutcome>;
+    /// Leases up to `limit` outbox rows whose lease expired (oldest first).
+    async fn outbox_lease(&self, limit: u32, now: i64, lease_ms: i64) -> Result<Vec<OutboxRecord>>;
+    /// Deletes published rows.
+    async fn outbox_ack(&self, ids: &[i64]) -> Result<()>;
+    /// Makes rows available to the next lease at once (publishing failed).
+    async fn outbox_release(&self, ids: &[i64]) -> Result<()>;
+    async fn outbox_len(&self) -> Result<i64>;
+
+    /// Sessions of a device, newest first.
+    async fn list_connections(&self, device: &DeviceRef, limit: u32) -> Result<Vec<ConnectionRecord>>;
+    async fn count_online(&self, product: &ProductId) -> Result<i64>;
+    async fn list_messages(&self, device: &DeviceRef, filter: &MessageFilter) -> Result<Vec<MessageRecord>>;
+    async fn get_message(&self, device: &DeviceRef, message_id: &str) -> Result<Option<MessageRecord>>;
+    async fn get_report(&self, device: &DeviceRef, kind: ReportKind) -> Result<Option<ReportRecord>>;
 }

@@ -74,6 +74,7 @@ pub struct TestHub {
     pub admin_key: String,
     pub mqtt_addr: SocketAddr,
     pub state: iothub::api::SharedState,
+    pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -123,6 +124,7 @@ impl TestHub {
         let base = format!("http://{}", app.http_addr());
         let mqtt_addr = app.mqtt_addr().expect("embedded broker");
         let state = app.state();
+        let used_config = config.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.serve(async move {
             let _ = rx.await;
@@ -135,11 +137,30 @@ impl TestHub {
             admin_key,
             mqtt_addr,
             state,
+            config: used_config,
             shutdown: Some(tx),
             task: Some(task),
             _dir: dir,
             _pg: pg,
         }
+    }
+
+    /// The production profile on one machine: PostgreSQL, Redis and RabbitMQ (with this test's own key and
+    /// exchange prefixes), and the bundled RMQTT standing in for EMQX.
+    pub async fn start_production() -> Self {
+        Self::start_production_with(|_| {}).await
+    }
+
+    pub async fn start_production_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        Self::start_with(Db::Postgres, |c| {
+            c.redis.url = redis_url();
+            c.redis.key_prefix = format!("t{tag}:");
+            c.rabbitmq.url = amqp_url();
+            c.rabbitmq.exchange_prefix = format!("t{tag}.events");
+            tweak(c);
+        })
+        .await
     }
 
     pub fn pg_url(&self) -> Option<&str> {
@@ -256,4 +277,134 @@ pub async fn wait_for(
             }
         }
     }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").expect("TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").expect("TEST_AMQP_URL is not set: run the suite with scripts/test.sh")
+}
+
+/// A RabbitMQ consumer bound to one product's events, the way a business system would consume them.
+pub struct EventConsumer {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+    _conn: lapin::Connection,
+}
+
+impl EventConsumer {
+    /// Binds `queue` (durable when named, exclusive when empty) to every event exchange for `product`.
+    pub async fn bind(url: &str, exchange_prefix: &str, product: &str, queue: &str) -> Self {
+        use futures::StreamExt;
+        use lapin::options::*;
+        use lapin::types::FieldTable;
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.expect("amqp connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let options = if queue.is_empty() {
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }
+        } else {
+            QueueDeclareOptions { durable: true, ..Default::default() }
+        };
+        let q = ch.queue_declare(queue.into(), options, FieldTable::default()).await.expect("queue declare");
+        for kind in ["upload_data", "update_status", "device_connection", "ota_progress"] {
+            let exchange = format!("{exchange_prefix}.{kind}");
+            ch.exchange_declare(
+                exchange.clone().into(),
+                lapin::ExchangeKind::Direct,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange declare");
+            ch.queue_bind(
+                q.name().clone(),
+                exchange.into(),
+                product.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        }
+        let mut consumer = ch
+            .basic_consume(q.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .expect("consume");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let kind = delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_default();
+                assert_eq!(delivery.properties.delivery_mode(), &Some(2), "events are persistent");
+                let body: Value = serde_json::from_slice(&delivery.data).expect("event body is JSON");
+                assert_eq!(
+                    delivery.properties.message_id().as_ref().map(|m| m.to_string()).as_deref(),
+                    body["event_id"].as_str(),
+                    "AMQP message_id is the event id"
+                );
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+                if tx.send((kind, body)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { rx, _conn: conn }
+    }
+
+    /// Collects events until `done` says so (given everything received so far), or panics after `timeout`.
+    pub async fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[(String, Value)]) -> bool,
+    ) -> Vec<(String, Value)> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&seen) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(event)) => seen.push(event),
+                Ok(None) => panic!("consumer stopped; got {seen:?}"),
+                Err(_) => panic!("timed out waiting for events; got {seen:#?}"),
+            }
+        }
+        seen
+    }
+
+    /// Everything that arrives within `window` (to prove nothing more comes).
+    pub async fn drain(&mut self, window: Duration) -> Vec<(String, Value)> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            seen.push(event);
+        }
+        seen
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Drives an MQTT client's event loop in the background until it sends DISCONNECT or the connection
+/// drops (no automatic reconnect: tests decide when a device comes back).
+pub fn drive(mut eventloop: EventLoop) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
 }

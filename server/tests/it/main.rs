@@ -5,6 +5,7 @@ mod helpers;
 mod broker_auth;
 mod cli;
 mod emqx_postgres;
+mod events;
 mod hook_contracts;
 mod registry_api;
 

@@ -1,0 +1,225 @@
+//! The northbound event contract: what business systems receive on RabbitMQ (or the SSE stream).
+//!
+//! Every event is a JSON document with a stable `event_id`, derived from what the event is about (a
+//! device's message id, a broker session), so a replayed webhook or a republished outbox row yields the
+//! same id and consumers can drop duplicates. Payloads travel base64-encoded with an explicit `encoding`;
+//! timestamps are Unix milliseconds. docs/events.md documents each shape and a test keeps it in sync.
+
+use base64::Engine;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::ids::DeviceRef;
+use crate::ports::event_bus::BusEvent;
+
+/// Namespace of the name-based (v5) event ids.
+const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_5d4a_4c1e_9a7b_3e8d_1f20_c4a5);
+
+/// One exchange per kind: `{prefix}.{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    UploadData,
+    UpdateStatus,
+    DeviceConnection,
+    OtaProgress,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] =
+        [EventKind::UploadData, EventKind::UpdateStatus, EventKind::DeviceConnection, EventKind::OtaProgress];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::UploadData => "upload_data",
+            EventKind::UpdateStatus => "update_status",
+            EventKind::DeviceConnection => "device_connection",
+            EventKind::OtaProgress => "ota_progress",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+fn event_id(parts: &[&str]) -> String {
+    Uuid::new_v5(&EVENT_ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
+}
+
+fn bus_event(kind: EventKind, device: &DeviceRef, event_id: String, body: &impl Serialize) -> BusEvent {
+    BusEvent {
+        kind,
+        routing_key: device.product.to_string(),
+        event_id,
+        body: serde_json::to_vec(body).expect("event bodies serialize"),
+    }
+}
+
+/// `iothub.events.upload_data`
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct UploadDataEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub message_id: String,
+    pub data_type: String,
+    /// The payload exactly as published, encoded as `encoding` says.
+    pub payload: String,
+    pub encoding: String,
+    /// When the broker received the publish.
+    pub sent_at: i64,
+    /// When iothub stored it.
+    pub received_at: i64,
+}
+
+pub fn upload_data(
+    device: &DeviceRef,
+    message_id: &str,
+    data_type: &str,
+    payload: &[u8],
+    sent_at: i64,
+    received_at: i64,
+) -> BusEvent {
+    let id = event_id(&["upload_data", device.product.as_str(), device.device.as_str(), message_id]);
+    let body = UploadDataEvent {
+        event_id: id.clone(),
+        product_id: device.product.to_string(),
+        device_id: device.device.to_string(),
+        message_id: message_id.to_string(),
+        data_type: data_type.to_string(),
+        payload: base64::engine::general_purpose::STANDARD.encode(payload),
+        encoding: "base64".into(),
+        sent_at,
+        received_at,
+    };
+    bus_event(EventKind::UploadData, device, id, &body)
+}
+
+/// `iothub.events.update_status` and `iothub.events.ota_progress`: a JSON report from the device.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct ReportEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub message_id: String,
+    /// The device's JSON document, as JSON.
+    pub report: serde_json::Value,
+    pub sent_at: i64,
+    pub received_at: i64,
+}
+
+pub fn report(
+    kind: EventKind,
+    device: &DeviceRef,
+    message_id: &str,
+    report: &serde_json::Value,
+    sent_at: i64,
+    received_at: i64,
+) -> BusEvent {
+    let id = event_id(&[kind.as_str(), device.product.as_str(), device.device.as_str(), message_id]);
+    let body = ReportEvent {
+        event_id: id.clone(),
+        product_id: device.product.to_string(),
+        device_id: device.device.to_string(),
+        message_id: message_id.to_string(),
+        report: report.clone(),
+        sent_at,
+        received_at,
+    };
+    bus_event(kind, device, id, &body)
+}
+
+/// `iothub.events.device_connection`: one broker session opened or closed.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ConnectionEvent {
+    pub event_id: String,
+    /// `connected` or `disconnected`.
+    pub event: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub client_id: String,
+    /// Whether the device has any open session after this change.
+    pub online: bool,
+    pub connected_at: Option<i64>,
+    pub disconnected_at: Option<i64>,
+    pub reason: Option<String>,
+    pub ip_address: Option<String>,
+    pub proto_ver: Option<i32>,
+    pub keepalive: Option<i32>,
+    pub clean_start: Option<bool>,
+    pub node: Option<String>,
+}
+
+impl ConnectionEvent {
+    pub fn id_for(device: &DeviceRef, client_id: &str, session_key: &str, event: &str) -> String {
+        event_id(&["device_connection", device.product.as_str(), device.device.as_str(), client_id, session_key, event])
+    }
+
+    pub fn into_bus_event(self, device: &DeviceRef) -> BusEvent {
+        let id = self.event_id.clone();
+        bus_event(EventKind::DeviceConnection, device, id, &self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DeviceId, ProductId};
+
+    fn dev() -> DeviceRef {
+        DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse("d").unwrap())
+    }
+
+    #[test]
+    fn event_ids_are_stable_and_distinct() {
+        let a = upload_data(&dev(), "m1", "temp", b"x", 1, 2);
+        let b = upload_data(&dev(), "m1", "other", b"y", 3, 4);
+        assert_eq!(a.event_id, b.event_id, "same device message, same event id");
+        let c = upload_data(&dev(), "m2", "temp", b"x", 1, 2);
+        assert_ne!(a.event_id, c.event_id);
+        let s = report(EventKind::UpdateStatus, &dev(), "m1", &serde_json::json!({}), 1, 2);
+        assert_ne!(a.event_id, s.event_id, "kinds do not collide");
+    }
+
+    /// The documented examples in docs/events.md carry exactly the fields the code emits.
+    #[test]
+    fn documented_event_shapes_match_the_code() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/events.md")).unwrap();
+        let examples: Vec<serde_json::Value> = doc
+            .split("```json")
+            .skip(1)
+            .map(|block| serde_json::from_str(block.split("```").next().unwrap()).expect("example is JSON"))
+            .collect();
+        let emitted = [
+            serde_json::from_slice::<serde_json::Value>(&upload_data(&dev(), "m", "t", b"{}", 1, 2).body).unwrap(),
+            serde_json::from_slice(&report(EventKind::UpdateStatus, &dev(), "m", &serde_json::json!({}), 1, 2).body)
+                .unwrap(),
+            serde_json::to_value(ConnectionEvent {
+                event_id: String::new(),
+                event: "connected".into(),
+                product_id: String::new(),
+                device_id: String::new(),
+                client_id: String::new(),
+                online: true,
+                connected_at: None,
+                disconnected_at: None,
+                reason: None,
+                ip_address: None,
+                proto_ver: None,
+                keepalive: None,
+                clean_start: None,
+                node: None,
+            })
+            .unwrap(),
+        ];
+        let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        for shape in &emitted {
+            assert!(
+                examples.iter().any(|ex| keys(ex) == keys(shape)),
+                "docs/events.md has no example with fields {:?}",
+                keys(shape)
+            );
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Broker events in: what devices did (connect, disconnect, publish) applied to the hub's state.
+//!
+//! The webhook edge turns each broker's wire format into [`BrokerEvent`]s; this service classifies them
+//! with the topic grammar, drops replays (two-phase dedup claims by device-scoped message id), and applies
+//! whole groups of webhooks in one store transaction together with their outbox events. Webhooks that
+//! arrive while a transaction is running queue up and form the next group, so the database sees a few
+//! large transactions instead of one per event. A webhook is answered only after its group committed;
+//! a failure answers 503 (brokers retry) and releases the claims so the retry is processed again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::adapters::storable_json;
+use crate::clock::now_ms;
+use crate::domain::events::{self, EventKind};
+use crate::domain::relay::RelayHandle;
+use crate::error::{Error, Result};
+use crate::ids::DeviceRef;
+use crate::ports::dedup::{Claim, Deduplicator};
+use crate::ports::store::{IngestBatch, NewMessage, NewReport, PresenceChange, ReportKind, Store};
+use crate::topics::{is_internal_name, parse_upstream, Upstream};
+
+/// A broker event, normalised across EMQX 5, EMQX 4 and RMQTT.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BrokerEvent {
+    Connected {
+        client_id: String,
+        username: Option<String>,
+        /// Identifies the session in both its connect and disconnect events (see `presence_sql`).
+        session_key: String,
+        connected_at: i64,
+        ip_address: Option<String>,
+        proto_ver: Option<i32>,
+        keepalive: Option<i32>,
+        clean_start: Option<bool>,
+        node: Option<String>,
+    },
+    Disconnected {
+        client_id: String,
+        username: Option<String>,
+        session_key: String,
+        connected_at: Option<i64>,
+        disconnected_at: i64,
+        reason: String,
+        ip_address: Option<String>,
+        node: Option<String>,
+    },
+    Publish {
+        client_id: String,
+        username: Option<String>,
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        /// When the broker received it.
+        received_at: i64,
+    },
+    /// `message.delivered`, `message.acked`, `message.dropped`: used by the command log (downstream).
+    Delivery { stage: DeliveryStage, client_id: Option<String>, topic: String, at: i64, reason: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStage {
+    Delivered,
+    Acked,
+    Dropped,
+}
+
+/// What one event turned into.
+#[derive(Debug)]
+enum Work {
+    Message {
+        key: String,
+        message: NewMessage,
+    },
+    Report {
+        key: String,
+        report: NewReport,
+        event: crate::ports::event_bus::BusEvent,
+    },
+    Presence(PresenceChange),
+    /// Nothing to store; the label says why (metrics).
+    Skip(&'static str),
+}
+
+fn device_of(username: Option<&str>) -> Option<DeviceRef> {
+    username.and_then(DeviceRef::from_broker_username)
+}
+
+fn classify(event: BrokerEvent, now: i64) -> Work {
+    match event {
+        BrokerEvent::Connected {
+            client_id,
+            username,
+            session_key,
+            connected_at,
+            ip_address,
+            proto_ver,
+            keepalive,
+            clean_start,
+            node,
+        } => match device_of(username.as_deref()) {
+            Some(device) => Work::Presence(PresenceChange::Connected {
+                device,
+                client_id,
+                session_key,
+                connected_at,
+                ip_address,
+                proto_ver,
+                keepalive: keepalive.unwrap_or(0),
+                clean_start,
+                node,
+            }),
+            None => Work::Skip("not_a_device"),
+        },
+        BrokerEvent::Disconnected {
+            client_id,
+            username,
+            session_key,
+            connected_at,
+            disconnected_at,
+            reason,
+            ip_address,
+            node,
+        } => match device_of(username.as_deref()) {
+            Some(device) => Work::Presence(PresenceChange::Disconnected {
+                device,
+                client_id,
+                session_key,
+                connected_at,
+                disconnected_at,
+                reason,
+                ip_address,
+                node,
+            }),
+            None => Work::Skip("not_a_device"),
+        },
+        BrokerEvent::Publish { client_id, username, topic, payload, received_at, .. } => {
+            classify_publish(&client_id, username.as_deref(), &topic, payload, received_at, now)
+        }
+        BrokerEvent::Delivery { .. } => Work::Skip("delivery"),
+    }
+}
+
+fn classify_publish(
+    client_id: &str,
+    username: Option<&str>,
+    topic: &str,
+    payload: Vec<u8>,
+    sent_at: i64,
+    now: i64,
+) -> Work {
+    let upstream = match parse_upstream(topic) {
+        Ok(u) => u,
+        Err(e) => {
+            metrics::counter!("iothub_upstream_rejected_total", "reason" => e.as_str()).increment(1);
+            tracing::warn!(client_id, topic, error = %e, "publish on a topic outside the grammar ignored");
+            return Work::Skip("rejected");
+        }
+    };
+    let (product, device) = upstream.speaker();
+    let Some(publisher) = device_of(username).filter(|d| d.product.as_str() == product && d.device.as_str() == device)
+    else {
+        // The broker's ACL should have refused it; never store data under another device's name.
+        metrics::counter!("iothub_upstream_rejected_total", "reason" => "identity_mismatch").increment(1);
+        tracing::warn!(client_id, username, topic, "publish naming another device ignored");
+        return Work::Skip("rejected");
+    };
+    let key = |kind: &str, message_id: &str| format!("{kind}:{publisher}/{message_id}");
+    match upstream {
+        Upstream::UploadData { data_type, message_id, .. } => {
+            if is_internal_name(data_type) {
+                return Work::Skip("internal");
+            }
+            let event = events::upload_data(&publisher, message_id, data_type, &payload, sent_at, now);
+            Work::Message {
+                key: key("u", message_id),
+                message: NewMessage {
+                    payload_json: storable_json(&payload).map(str::to_string),
+                    device: publisher,
+                    message_id: message_id.to_string(),
+                    data_type: data_type.to_string(),
+                    payload,
+                    sent_at,
+                    event,
+                },
+            }
+        }
+        Upstream::UpdateStatus { message_id, .. } | Upstream::UpdateOtaStatus { message_id, .. } => {
+            let (kind, event_kind, prefix) = match upstream {
+                Upstream::UpdateStatus { .. } => (ReportKind::Status, EventKind::UpdateStatus, "s"),
+                _ => (ReportKind::Ota, EventKind::OtaProgress, "o"),
+            };
+            let Some(json) = storable_json(&payload) else {
+                metrics::counter!("iothub_upstream_rejected_total", "reason" => "invalid_json").increment(1);
+                tracing::warn!(client_id, topic, "report payload is not JSON; ignored");
+                return Work::Skip("rejected");
+            };
+            let value: serde_json::Value = serde_json::from_str(json).expect("checked by storable_json");
+            let event = events::report(event_kind, &publisher, message_id, &value, sent_at, now);
+            Work::Report {
+                key: key(prefix, message_id),
+                report: NewReport {
+                    device: publisher,
+                    kind,
+                    message_id: message_id.to_string(),
+                    payload_json: json.to_string(),
+                    reported_at: sent_at,
+                },
+                event,
+            }
+        }
+        // Replies, data requests and m2m belong to the command log and downstream features.
+        other => Work::Skip(other.kind()),
+    }
+}
+
+pub struct IngestSettings {
+    pub batch_max: usize,
+    pub workers: usize,
+    pub lease_ms: i64,
+}
+
+struct Job {
+    events: Vec<BrokerEvent>,
+    /// Failures reach every webhook of the group as "unavailable" (503: the broker retries).
+    done: oneshot::Sender<std::result::Result<(), String>>,
+}
+
+/// Entry point of the broker-event pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct IngestService {
+    tx: mpsc::Sender<Job>,
+}
+
+struct Worker {
+    store: Arc<dyn Store>,
+    dedup: Arc<dyn Deduplicator>,
+    relay: RelayHandle,
+    settings: Arc<IngestSettings>,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+}
+
+impl IngestService {
+    pub fn start(
+        store: Arc<dyn Store>,
+        dedup: Arc<dyn Deduplicator>,
+        relay: RelayHandle,
+        settings: IngestSettings,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(settings.batch_max * 4);
+        let rx = Arc::new(Mutex::new(rx));
+        let settings = Arc::new(settings);
+        for _ in 0..settings.workers {
+            let worker = Worker {
+                store: store.clone(),
+                dedup: dedup.clone(),
+                relay: relay.clone(),
+                settings: settings.clone(),
+                rx: rx.clone(),
+            };
+            tokio::spawn(worker.run());
+        }
+        Self { tx }
+    }
+
+    /// Applies the events; returns once they are durably stored (or failed as a whole).
+    pub async fn submit(&self, events: Vec<BrokerEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (done, wait) = oneshot::channel();
+        self.tx.send(Job { events, done }).await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        wait.await.map_err(|_| Error::Unavailable("event worker stopped".into()))?.map_err(Error::Unavailable)
+    }
+}
+
+impl Worker {
+    async fn run(self) {
+        loop {
+            let jobs = {
+                let mut rx = self.rx.lock().await;
+                let Some(first) = rx.recv().await else { break };
+                let mut count = first.events.len();
+                let mut jobs = vec![first];
+                while count < self.settings.batch_max {
+                    match rx.try_recv() {
+                        Ok(job) => {
+                            count += job.events.len();
+                            jobs.push(job);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                jobs
+            };
+            let mut events = Vec::new();
+            let mut waiters = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                events.extend(job.events);
+                waiters.push(job.done);
+            }
+            let result = self.apply(events).await.map_err(|e| format!("events not stored: {e}"));
+            for waiter in waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(events = events.len()), name = "ingest.apply")]
+    async fn apply(&self, events: Vec<BrokerEvent>) -> Result<()> {
+        let started = Instant::now();
+        let now = now_ms();
+        metrics::histogram!("iothub_ingest_batch_events").record(events.len() as f64);
+
+        let mut keyed: Vec<(String, Work)> = Vec::new();
+        let mut presence = Vec::new();
+        let mut seen_keys = std::collections::HashSet::new();
+        for event in events {
+            match classify(event, now) {
+                Work::Presence(change) => {
+                    count("presence", "accepted");
+                    presence.push(change);
+                }
+                Work::Skip(why) => count("publish", why),
+                work @ (Work::Message { .. } | Work::Report { .. }) => {
+                    let key = match &work {
+                        Work::Message { key, .. } | Work::Report { key, .. } => key.clone(),
+                        _ => unreachable!(),
+                    };
+                    if seen_keys.insert(key.clone()) {
+                        keyed.push((key, work));
+                    } else {
+                        count("publish", "duplicate");
+                    }
+                }
+            }
+        }
+
+        let keys: Vec<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
+        let claims = self.dedup.claim(&keys).await?;
+        let mut claimed = Vec::new();
+        let mut batch = IngestBatch::default();
+        let mut newest_report: HashMap<(DeviceRef, &'static str), usize> = HashMap::new();
+        for ((key, work), claim) in keyed.into_iter().zip(claims) {
+            if claim == Claim::Done {
+                count("publish", "duplicate");
+                continue;
+            }
+            claimed.push(key);
+            match work {
+                Work::Message { message, .. } => batch.messages.push(message),
+                Work::Report { report, event, .. } => {
+                    batch.events.push(event);
+                    // One row per (device, kind) per statement: keep the newest; equal times, the later one.
+                    let slot = (report.device.clone(), report.kind.as_str());
+                    match newest_report.get(&slot) {
+                        Some(&i) if batch.reports[i].reported_at > report.reported_at => {}
+                        Some(&i) => batch.reports[i] = report,
+                        None => {
+                            newest_report.insert(slot, batch.reports.len());
+                            batch.reports.push(report);
+                        }
+                    }
+                }
+                _ => unreachable!("only keyed work here"),
+            }
+        }
+        // Stable sort: a device's changes keep their order, devices are locked in one global order.
+        presence.sort_by(|a, b| {
+            let (a, b) = (a.device(), b.device());
+            (a.product.as_str(), a.device.as_str()).cmp(&(b.product.as_str(), b.device.as_str()))
+        });
+        batch.presence = presence;
+        if batch.is_empty() {
+            return Ok(());
+        }
+
+        match self.store.ingest(&batch, now, self.settings.lease_ms).await {
+            Ok(outcome) => {
+                if let Err(e) = self.dedup.complete(&claimed).await {
+                    // The claims expire by themselves; the database's unique keys catch what slips through.
+                    tracing::warn!(error = %e, "could not mark messages done in the dedup store");
+                }
+                counter("iothub_ingest_messages_stored_total", outcome.messages_stored);
+                counter("iothub_ingest_messages_duplicate_total", outcome.messages_duplicate);
+                counter("iothub_ingest_presence_applied_total", outcome.presence_applied);
+                self.relay.hand_off(outcome.outbox);
+                metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, events = claimed.len(), "ingest batch failed; broker will retry");
+                metrics::counter!("iothub_ingest_batch_failures_total").increment(1);
+                if let Err(release) = self.dedup.release(&claimed).await {
+                    tracing::warn!(error = %release, "could not release dedup claims; retries wait for them to expire");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+fn count(kind: &'static str, outcome: &'static str) {
+    metrics::counter!("iothub_broker_events_total", "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+fn counter(name: &'static str, n: usize) {
+    metrics::counter!(name).increment(n as u64);
+}
+
+/// Claims older than this are taken over by a retry (the worker that held them is presumed dead).
+pub const IN_FLIGHT_TTL: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(username: &str, topic: &str, payload: &[u8]) -> BrokerEvent {
+        BrokerEvent::Publish {
+            client_id: "c".into(),
+            username: Some(username.into()),
+            topic: topic.into(),
+            payload: payload.to_vec(),
+            qos: 1,
+            retain: false,
+            received_at: 1_000,
+        }
+    }
+
+    #[test]
+    fn publishes_are_classified_by_topic_and_identity() {
+        assert!(matches!(classify(publish("p/d", "upload_data/p/d/temp/m1", b"\x00\xff"), 5), Work::Message { .. }));
+        assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"{\"a\":1}"), 5), Work::Report { .. }));
+        assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"not json"), 5), Work::Skip("rejected")));
+        assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"\"\\u0000\""), 5), Work::Skip("rejected")));
+        assert!(matches!(classify(publish("p/x", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
+        assert!(matches!(classify(publish("q/d", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
+        assert!(matches!(
+            classify(publish("p/d", "upload_data/p/d/$shadow_updated/m1", b"{}"), 5),
+            Work::Skip("internal")
+        ));
+        assert!(matches!(classify(publish("p/d", "upload_data/p/d/temp", b"1"), 5), Work::Skip("rejected")));
+        assert!(matches!(classify(publish("p/d", "get/p/d/$ntp/m1", b"{}"), 5), Work::Skip("get")));
+        match classify(publish("p/d", "upload_data/p/d/temp/m1", b"{\"t\":1}"), 5) {
+            Work::Message { key, message } => {
+                assert_eq!(key, "u:p/d/m1");
+                assert_eq!(message.payload_json.as_deref(), Some("{\"t\":1}"));
+                assert_eq!(message.sent_at, 1_000);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
