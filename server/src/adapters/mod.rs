@@ -125,8 +125,9 @@ pub(crate) mod presence_sql {
         WHERE device_connections.disconnected_at IS NULL
         RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
 
-    /// Closed sessions older than the retention go when the device connects again (late webhooks for
-    /// them stopped long before).
+    /// Closed sessions that ended more than the retention before a new connect go. Relative to the
+    /// broker's time of that connect, not the wall clock: a replayed old connect prunes nothing, finds its
+    /// session still recorded and changes nothing.
     pub const PRUNE: &str = "DELETE FROM device_connections
         WHERE product_id = $1 AND device_id = $2 AND disconnected_at IS NOT NULL AND disconnected_at < $3";
 

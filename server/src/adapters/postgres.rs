@@ -590,7 +590,7 @@ impl PgStore {
                     sqlx::query(presence_sql::PRUNE)
                         .bind(device.product.as_str())
                         .bind(device.device.as_str())
-                        .bind(now - presence_sql::RETENTION_MS)
+                        .bind(connected_at - presence_sql::RETENTION_MS)
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(presence_sql::CONNECTED)

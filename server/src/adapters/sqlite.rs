@@ -434,7 +434,7 @@ impl Store for SqliteStore {
                     sqlx::query(&SQL.prune)
                         .bind(device.product.as_str())
                         .bind(device.device.as_str())
-                        .bind(now - presence_sql::RETENTION_MS)
+                        .bind(connected_at - presence_sql::RETENTION_MS)
                         .execute(&mut *tx)
                         .await?;
                     sqlx::query(&SQL.connected)

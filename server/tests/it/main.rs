@@ -7,7 +7,9 @@ mod cli;
 mod emqx_postgres;
 mod events;
 mod hook_contracts;
+mod presence;
 mod registry_api;
+mod webhook_fixtures;
 
 /// Runs an async test body once per storage backend, as two named tests.
 #[macro_export]

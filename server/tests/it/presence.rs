@@ -1,0 +1,200 @@
+//! Presence is order-independent: whatever order (and however often) a broker delivers the connect and
+//! disconnect webhooks of a device's sessions, the stored state ends up equal to the true one. Property
+//! tests over the real stores (SQLite and PostgreSQL), with EMQX-style and RMQTT-style session identity.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use iothub::adapters::postgres::PgStore;
+use iothub::adapters::sqlite::SqliteStore;
+use iothub::ids::{DeviceId, DeviceRef, ProductId};
+use iothub::ports::store::{IngestBatch, NewDevice, PresenceChange, Store};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
+
+use crate::helpers::TestDatabase;
+
+/// One true session of a client.
+#[derive(Debug, Clone)]
+struct Session {
+    client: usize,
+    peer: String,
+    connected_at: i64,
+    /// `None`: still open at the end.
+    disconnected_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Style {
+    /// EMQX 5 / EMQX 4: both events carry `connected_at`, which identifies the session.
+    Emqx,
+    /// RMQTT: the disconnect has no `connected_at`; the peer address identifies the session.
+    Rmqtt,
+}
+
+/// Sessions of up to two client ids; later sessions of a client may start before the previous one ended
+/// (takeover) or after; every session but a client's last is closed.
+fn history() -> impl Strategy<Value = Vec<Session>> {
+    let client = (1usize..=4).prop_flat_map(|n| {
+        (
+            prop::collection::vec((1i64..60, 1i64..120), n),
+            any::<bool>(), // is the last session still open?
+        )
+    });
+    prop::collection::vec(client, 1..=2).prop_map(|clients| {
+        let base = iothub::clock::now_ms() - 60_000;
+        let mut sessions = Vec::new();
+        for (c, (spans, last_open)) in clients.into_iter().enumerate() {
+            let mut at = base;
+            let n = spans.len();
+            for (i, (gap, duration)) in spans.into_iter().enumerate() {
+                at += gap;
+                let open = i == n - 1 && last_open;
+                sessions.push(Session {
+                    client: c,
+                    peer: format!("10.0.0.{c}:{}", 20_000 + sessions.len()),
+                    connected_at: at,
+                    disconnected_at: (!open).then_some(at + duration),
+                });
+            }
+        }
+        sessions
+    })
+}
+
+fn changes(device: &DeviceRef, sessions: &[Session], style: Style) -> Vec<PresenceChange> {
+    let mut out = Vec::new();
+    for s in sessions {
+        let key = match style {
+            Style::Emqx => format!("t{}", s.connected_at),
+            Style::Rmqtt => format!("a{}", s.peer),
+        };
+        out.push(PresenceChange::Connected {
+            device: device.clone(),
+            client_id: format!("c{}", s.client),
+            session_key: key.clone(),
+            connected_at: s.connected_at,
+            ip_address: Some(s.peer.clone()),
+            proto_ver: Some(5),
+            keepalive: 60,
+            clean_start: Some(true),
+            node: None,
+        });
+        if let Some(d) = s.disconnected_at {
+            out.push(PresenceChange::Disconnected {
+                device: device.clone(),
+                client_id: format!("c{}", s.client),
+                session_key: key,
+                connected_at: matches!(style, Style::Emqx).then_some(s.connected_at),
+                disconnected_at: d,
+                reason: "normal".into(),
+                ip_address: None,
+                node: None,
+            });
+        }
+    }
+    out
+}
+
+/// The history, its events shuffled with some duplicated, cut into batches.
+fn scenario() -> impl Strategy<Value = (Vec<Session>, Vec<usize>, Vec<usize>)> {
+    history().prop_flat_map(|sessions| {
+        let events = sessions.len() + sessions.iter().filter(|s| s.disconnected_at.is_some()).count();
+        let order = (0..events).collect::<Vec<_>>();
+        (
+            Just(sessions),
+            prop::collection::vec(0..events, 0..=events).prop_flat_map(move |dups| {
+                let mut all = order.clone();
+                all.extend(dups);
+                Just(all).prop_shuffle()
+            }),
+            prop::collection::vec(1usize..=4, 1..=8),
+        )
+    })
+}
+
+async fn check_case(
+    store: &Arc<dyn Store>,
+    device: DeviceRef,
+    sessions: &[Session],
+    order: &[usize],
+    cuts: &[usize],
+    style: Style,
+) -> Result<(), TestCaseError> {
+    store
+        .insert_devices(
+            &device.product,
+            &[NewDevice { device: device.device.clone(), secret: iothub::secrets::new_device_secret().1 }],
+            0,
+        )
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let all = changes(&device, sessions, style);
+    let mut stream: Vec<PresenceChange> = order.iter().map(|&i| all[i].clone()).collect();
+    let mut cut = cuts.iter().cycle();
+    while !stream.is_empty() {
+        let n = (*cut.next().unwrap()).min(stream.len());
+        let presence: Vec<_> = stream.drain(..n).collect();
+        let batch = IngestBatch { presence, ..Default::default() };
+        store.ingest(&batch, iothub::clock::now_ms(), 30_000).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+
+    let mut expected_online = false;
+    for client in sessions.iter().map(|s| s.client).collect::<BTreeSet<_>>() {
+        let last = sessions.iter().filter(|s| s.client == client).max_by_key(|s| s.connected_at).unwrap();
+        expected_online |= last.disconnected_at.is_none();
+    }
+    let record = store.get_device(&device).await.unwrap().unwrap();
+    prop_assert_eq!(record.online, expected_online, "online flag");
+    let stored: BTreeSet<(String, Option<i64>, Option<i64>)> = store
+        .list_connections(&device, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.client_id, c.connected_at, c.disconnected_at))
+        .collect();
+    let truth: BTreeSet<(String, Option<i64>, Option<i64>)> =
+        sessions.iter().map(|s| (format!("c{}", s.client), Some(s.connected_at), s.disconnected_at)).collect();
+    prop_assert_eq!(stored, truth, "sessions");
+    let last_seen = sessions.iter().map(|s| s.disconnected_at.unwrap_or(s.connected_at).max(s.connected_at)).max();
+    prop_assert_eq!(record.last_seen_at, last_seen, "last seen = newest broker timestamp");
+    Ok(())
+}
+
+async fn run_property(store: Arc<dyn Store>, cases: u32) {
+    let product = ProductId::parse("prop").unwrap();
+    store.create_product(&product, "prop", "", 0).await.unwrap();
+    let counter = AtomicUsize::new(0);
+    let handle = tokio::runtime::Handle::current();
+    for style in [Style::Emqx, Style::Rmqtt] {
+        let mut runner =
+            TestRunner::new(ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() });
+        let result = tokio::task::block_in_place(|| {
+            runner.run(&scenario(), |(sessions, order, cuts)| {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let device = DeviceRef::new(product.clone(), DeviceId::parse(format!("d{n}")).unwrap());
+                handle.block_on(check_case(&store, device, &sessions, &order, &cuts, style))
+            })
+        });
+        if let Err(e) = result {
+            panic!("{style:?}: {e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_order_independent_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("p.db").display()), 4).await.unwrap();
+    store.migrate().await.unwrap();
+    run_property(Arc::new(store), 128).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_order_independent_postgres() {
+    let db = TestDatabase::create().await;
+    let store = PgStore::connect(&db.url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    run_property(Arc::new(store), 64).await;
+}

@@ -1,0 +1,167 @@
+//! The webhook contracts, fed with the recorded payload shapes of every broker (server/tests/fixtures/,
+//! taken from EMQX 5.8 / 4.4 docs and source and from RMQTT 0.24 live): authentication, effects,
+//! idempotent replays, ordering, and 503 + lossless retry when storage fails.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sqlx::Executor;
+
+use crate::both_backends;
+use crate::helpers::*;
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/tests/fixtures/{path}.json", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+}
+
+async fn post(hub: &TestHub, endpoint: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let resp = hub
+        .http
+        .post(format!("{}/broker/{endpoint}", hub.base))
+        .bearer_auth(&hub.state.hook_token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn device(hub: &TestHub) -> Value {
+    hub.call(Method::GET, "/api/v1/products/fixture/devices/dev1", None).await.1
+}
+
+async fn message(hub: &TestHub, id: &str) -> (StatusCode, Value) {
+    hub.call(Method::GET, &format!("/api/v1/products/fixture/devices/dev1/messages/{id}"), None).await
+}
+
+async fn fixtures_apply(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("fixture").await;
+    hub.register("fixture", "dev1").await;
+
+    // Unauthenticated or wrong token: 401, nothing changes.
+    let url = format!("{}/broker/emqx5/events", hub.base);
+    let r = hub.http.post(&url).body(fixture("emqx5/client.connected")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = hub.http.post(&url).bearer_auth("wrong").body(fixture("emqx5/client.connected")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(device(&hub).await["online"], false);
+
+    // EMQX 5: connect (twice: a replay changes nothing), publish, batch, deliveries, disconnect.
+    for _ in 0..2 {
+        assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/client.connected")).await.0, StatusCode::NO_CONTENT);
+    }
+    let d = device(&hub).await;
+    assert_eq!(d["online"], true, "{d}");
+    assert_eq!(d["connections"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["connections"][0]["ip_address"], "192.0.2.10");
+    assert_eq!(d["connections"][0]["node"], "emqx@10.0.0.1");
+    assert_eq!(d["last_seen_at"], 1_700_000_000_000i64);
+
+    assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/message.publish")).await.0, StatusCode::NO_CONTENT);
+    let (s, m) = message(&hub, "m-emqx5-1").await;
+    assert_eq!(s, StatusCode::OK, "{m}");
+    assert_eq!(m["payload"], "AJ+Slg==");
+    assert_eq!(m["sent_at"], 1_700_000_001_000i64);
+    assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/batch")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(message(&hub, "m-emqx5-2").await.1["json"], json!({"t": 21.5}));
+    let (_, status) = hub.call(Method::GET, "/api/v1/products/fixture/devices/dev1/status", None).await;
+    assert_eq!(status["status"], json!({"fw": "1.0"}));
+    for name in ["message.delivered", "message.acked", "message.dropped"] {
+        assert_eq!(post(&hub, "emqx5/events", fixture(&format!("emqx5/{name}"))).await.0, StatusCode::NO_CONTENT);
+    }
+    assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/client.disconnected")).await.0, StatusCode::NO_CONTENT);
+    let d = device(&hub).await;
+    assert_eq!(d["online"], false, "{d}");
+    assert_eq!(d["connections"][0]["reason"], "normal");
+    // A late replay of the connect does not bring the closed session back.
+    assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/client.connected")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(device(&hub).await["online"], false);
+
+    // EMQX 4 web hook (Basic auth, as RMQTT also sends it): disconnect arriving before its connect.
+    let basic = |path: &'static str, body: Vec<u8>| {
+        hub.http
+            .post(format!("{}/broker/{path}", hub.base))
+            .basic_auth("iothub", Some(&hub.state.hook_token))
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        basic("emqx4/webhook", fixture("emqx4/client_disconnected")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        basic("emqx4/webhook", fixture("emqx4/client_connected")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    let d = device(&hub).await;
+    assert_eq!(d["online"], false, "the late connect belongs to a session already closed: {d}");
+    assert_eq!(
+        basic("emqx4/webhook", fixture("emqx4/message_publish")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(message(&hub, "m-emqx4-1").await.0, StatusCode::OK);
+    for name in ["message_delivered", "message_acked"] {
+        let r = basic("emqx4/webhook", fixture(&format!("emqx4/{name}"))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "{name}");
+    }
+
+    // RMQTT: sessions keyed by peer address.
+    assert_eq!(
+        basic("rmqtt/webhook", fixture("rmqtt/client_connected")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(device(&hub).await["online"], true);
+    assert_eq!(
+        basic("rmqtt/webhook", fixture("rmqtt/message_publish")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        basic("rmqtt/webhook", fixture("rmqtt/message_delivered")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        basic("rmqtt/webhook", fixture("rmqtt/client_disconnected")).await.unwrap().status(),
+        StatusCode::NO_CONTENT
+    );
+    let d = device(&hub).await;
+    assert_eq!(d["online"], false, "{d}");
+    let rmqtt = d["connections"].as_array().unwrap().iter().find(|c| c["client_id"] == "dev1-c").unwrap();
+    assert_eq!(rmqtt["connected_at"], 1_700_000_020_000i64, "disconnect merged into its session: {d}");
+    assert_eq!(rmqtt["disconnected_at"], 1_700_000_023_000i64);
+
+    // Malformed: 422 naming the field (a retry cannot fix it).
+    let (s, p) = post(&hub, "emqx5/events", br#"[{"event":"client.connected","clientid":"x"}]"#.to_vec()).await;
+    assert_eq!((s, p["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("[0].connected_at")), "{p}");
+    // A publish naming another device is acknowledged but never stored.
+    let spoof = json!({"event": "message.publish", "clientid": "x", "username": "fixture/other",
+        "topic": "upload_data/fixture/dev1/t/spoofed", "payload": "e30=", "qos": 0, "publish_received_at": 1});
+    assert_eq!(post(&hub, "emqx5/events", spoof.to_string().into_bytes()).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(message(&hub, "spoofed").await.0, StatusCode::NOT_FOUND);
+    hub.stop().await;
+}
+both_backends!(webhook_fixtures_apply, fixtures_apply);
+
+/// Storage fails: the webhook answers 503 (EMQX retries it) and releases its dedup claim, so the retry
+/// stores the message — a failure never turns into a silently dropped "duplicate".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_store_answers_503_and_the_retry_is_kept() {
+    let hub = TestHub::start_production().await;
+    hub.create_product("fixture").await;
+    hub.register("fixture", "dev1").await;
+    let mut admin = sqlx::PgConnection::connect(hub.pg_url().unwrap()).await.unwrap();
+    admin.execute("ALTER TABLE device_messages RENAME TO device_messages_away").await.unwrap();
+    let (s, p) = post(&hub, "emqx5/events", fixture("emqx5/message.publish")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{p}");
+    admin.execute("ALTER TABLE device_messages_away RENAME TO device_messages").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(post(&hub, "emqx5/events", fixture("emqx5/message.publish")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(message(&hub, "m-emqx5-1").await.0, StatusCode::OK, "the retried message is stored");
+    hub.stop().await;
+}
+
+use sqlx::Connection;
