@@ -2,11 +2,16 @@
 //! outside its own product (publish) or outside its own topics (subscribe).
 #![no_main]
 
-use iothub::topics::{device_may, filter_permits, is_valid_filter, Action};
+use iothub::topics::{device_may, filter_permits, is_valid_filter, parse_upstream, Action};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    // Every topic the upstream grammar accepts is one its speaker may publish (grammar and ACL agree).
+    if let Ok(upstream) = parse_upstream(text) {
+        let (product, device) = upstream.speaker();
+        assert!(device_may(product, device, Action::Publish, text), "parsed but not allowed: {text}");
+    }
     let mut parts = text.splitn(3, '\n');
     let (Some(first), Some(second), Some(topic)) = (parts.next(), parts.next(), parts.next()) else { return };
     for action in [Action::Publish, Action::Subscribe] {

@@ -378,6 +378,21 @@ mod tests {
         }
     }
 
+    /// The broker configs forward exactly the upstream topics iothub consumes.
+    #[test]
+    fn broker_configs_forward_the_upstream_topics() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/");
+        for file in ["emqx-http.hocon", "emqx-postgresql.hocon", "rmqtt-web-hook.toml"] {
+            let text = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+            let line = text
+                .lines()
+                .find(|l| l.contains("\"upload_data/#\"") || l.contains("\\\"upload_data/#\\\""))
+                .unwrap_or_else(|| panic!("{file}: no upstream rule"));
+            let topics: Vec<&str> = line.split(['"', '\\']).filter(|t| t.ends_with("/#") && !t.contains(' ')).collect();
+            assert_eq!(topics, UPSTREAM_FILTERS, "{file}");
+        }
+    }
+
     proptest! {
         /// Whatever a device publishes, parsing never panics, and an accepted topic is one the device's
         /// own ACL allows (for the device it names) — the grammar and the ACL agree.

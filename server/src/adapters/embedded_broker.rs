@@ -204,3 +204,29 @@ impl Drop for EmbeddedBroker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled broker forwards the same events as the documented external RMQTT config.
+    #[test]
+    fn web_hook_rules_match_the_published_config() {
+        let settings = EmbeddedBrokerSettings {
+            mqtt_listen: "127.0.0.1:1883".parse().unwrap(),
+            api_listen: "127.0.0.1:6060".parse().unwrap(),
+            hooks_base_url: "http://127.0.0.1:8080".into(),
+            hook_token: "t".into(),
+            api_token: "a".into(),
+        };
+        let configs = plugin_configs(&settings).unwrap();
+        let (_, web_hook) = configs.iter().find(|(name, _)| *name == "rmqtt-web-hook").unwrap();
+        let rules =
+            |text: &str| text.lines().filter(|l| l.starts_with("rule.")).map(str::to_string).collect::<Vec<_>>();
+        let published =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/rmqtt-web-hook.toml"))
+                .unwrap();
+        assert_eq!(rules(web_hook), rules(&published));
+        assert_eq!(rules(web_hook).len(), 3);
+    }
+}

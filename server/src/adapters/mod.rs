@@ -99,19 +99,28 @@ pub(crate) fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> Erro
 
 /// Presence SQL shared by both stores, written with `$n` placeholders (SQLite gets `?n`).
 ///
-/// A session's connect and disconnect merge into one row keyed by `session_key`, each filling only what is
-/// still unknown, so the two events commute and replays change nothing (`RETURNING` yields a row only when
-/// something changed). A device is online when, for some client id, its newest session (by connect time,
-/// or disconnect time while the connect is still unknown) is open: a stale disconnect or a taken-over
-/// session never hides a newer connection.
+/// A session's connect and disconnect merge into one row keyed by `session_key`, so the two events commute
+/// and replays change nothing (`RETURNING` yields a row only when something changed). A row always converges
+/// to the newest session with its key, which matters where the key can repeat (RMQTT keys by peer address,
+/// and a device may reconnect from the same address): a connect newer than the row starts a new session
+/// (keeping a disconnect that is newer still), a disconnect applies only if it is not older than the row's
+/// connect and newer than its disconnect. A device is online when, for some client id, its newest session
+/// (by connect time, or disconnect time while the connect is still unknown) is open: a stale disconnect
+/// or a taken-over session never hides a newer connection.
 pub(crate) mod presence_sql {
     pub const CONNECTED: &str = "INSERT INTO device_connections
             (product_id, device_id, client_id, session_key, connected_at, ip_address, proto_ver, keepalive, clean_start, node)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
         ON CONFLICT (product_id, device_id, client_id, session_key) DO UPDATE SET
             connected_at = EXCLUDED.connected_at, ip_address = EXCLUDED.ip_address, proto_ver = EXCLUDED.proto_ver,
-            keepalive = EXCLUDED.keepalive, clean_start = EXCLUDED.clean_start, node = EXCLUDED.node
+            keepalive = EXCLUDED.keepalive, clean_start = EXCLUDED.clean_start, node = EXCLUDED.node,
+            disconnected_at = CASE WHEN device_connections.disconnected_at >= EXCLUDED.connected_at
+                                   THEN device_connections.disconnected_at END,
+            reason = CASE WHEN device_connections.disconnected_at >= EXCLUDED.connected_at
+                          THEN device_connections.reason END
         WHERE device_connections.keepalive IS NULL
+           OR device_connections.connected_at IS NULL
+           OR device_connections.connected_at < EXCLUDED.connected_at
         RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
 
     pub const DISCONNECTED: &str = "INSERT INTO device_connections
@@ -122,7 +131,8 @@ pub(crate) mod presence_sql {
             connected_at = COALESCE(device_connections.connected_at, EXCLUDED.connected_at),
             ip_address = COALESCE(device_connections.ip_address, EXCLUDED.ip_address),
             node = COALESCE(device_connections.node, EXCLUDED.node)
-        WHERE device_connections.disconnected_at IS NULL
+        WHERE (device_connections.disconnected_at IS NULL OR device_connections.disconnected_at < EXCLUDED.disconnected_at)
+          AND (device_connections.connected_at IS NULL OR EXCLUDED.disconnected_at >= device_connections.connected_at)
         RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
 
     /// Closed sessions that ended more than the retention before a new connect go. Relative to the

@@ -351,6 +351,37 @@ mod tests {
         assert!(matches!(&e[..], [BrokerEvent::Delivery { stage: DeliveryStage::Delivered, .. }]));
     }
 
+    proptest::proptest! {
+        /// Arbitrary JSON-ish bodies never panic the parser; failures are validation errors.
+        #[test]
+        fn parser_never_panics(body in r#"[\[\]{}",:0-9a-z._ -]{0,120}"#, raw in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            for dialect in [Dialect::Emqx5, Dialect::Emqx4, Dialect::Rmqtt] {
+                for input in [body.as_bytes(), raw.as_slice()] {
+                    if let Err(e) = parse_events(dialect, input) {
+                        proptest::prop_assert!(matches!(e, Error::Validation { .. }), "{:?}", e);
+                    }
+                }
+            }
+        }
+
+        /// Well-formed events with arbitrary field values parse or name a field; never panic.
+        #[test]
+        fn event_fields_never_panic(clientid in ".{0,20}", topic in "[a-z_/$+#]{0,30}", ts in proptest::num::i64::ANY,
+                                    payload in "[A-Za-z0-9+/=]{0,16}") {
+            let body = serde_json::json!([
+                {"event": "message.publish", "clientid": clientid, "username": "p/d", "topic": topic,
+                 "payload": payload, "qos": 1, "publish_received_at": ts},
+                {"event": "client.connected", "clientid": clientid, "connected_at": ts, "peername": topic},
+                {"action": "client_disconnected", "clientid": clientid, "ipaddress": topic, "disconnected_at": ts},
+            ]);
+            for dialect in [Dialect::Emqx5, Dialect::Emqx4, Dialect::Rmqtt] {
+                if let Err(e) = parse_events(dialect, body.to_string().as_bytes()) {
+                    proptest::prop_assert!(matches!(e, Error::Validation { .. }), "{:?}", e);
+                }
+            }
+        }
+    }
+
     #[test]
     fn malformed_events_name_the_field() {
         let err = |body: &str| match parse_events(Dialect::Emqx5, body.as_bytes()) {

@@ -369,6 +369,14 @@ impl Worker {
                 _ => unreachable!("only keyed work here"),
             }
         }
+        // Rows are locked in one global order (device), so concurrent batches never deadlock each other.
+        batch.reports.sort_by(|a, b| {
+            (a.device.product.as_str(), a.device.device.as_str(), a.kind.as_str()).cmp(&(
+                b.device.product.as_str(),
+                b.device.device.as_str(),
+                b.kind.as_str(),
+            ))
+        });
         // Stable sort: a device's changes keep their order, devices are locked in one global order.
         presence.sort_by(|a, b| {
             let (a, b) = (a.device(), b.device());

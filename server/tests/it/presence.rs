@@ -34,11 +34,12 @@ enum Style {
 }
 
 /// Sessions of up to two client ids; later sessions of a client may start before the previous one ended
-/// (takeover) or after; every session but a client's last is closed.
+/// (takeover) or after — and then sometimes from the same peer address (a device reconnecting from the
+/// same port, which repeats RMQTT's session key); every session but a client's last is closed.
 fn history() -> impl Strategy<Value = Vec<Session>> {
     let client = (1usize..=4).prop_flat_map(|n| {
         (
-            prop::collection::vec((1i64..60, 1i64..120), n),
+            prop::collection::vec((1i64..60, 1i64..120, any::<bool>()), n),
             any::<bool>(), // is the last session still open?
         )
     });
@@ -48,28 +49,35 @@ fn history() -> impl Strategy<Value = Vec<Session>> {
         for (c, (spans, last_open)) in clients.into_iter().enumerate() {
             let mut at = base;
             let n = spans.len();
-            for (i, (gap, duration)) in spans.into_iter().enumerate() {
+            let mut previous: Option<(String, i64)> = None;
+            for (i, (gap, duration, same_port)) in spans.into_iter().enumerate() {
                 at += gap;
                 let open = i == n - 1 && last_open;
-                sessions.push(Session {
-                    client: c,
-                    peer: format!("10.0.0.{c}:{}", 20_000 + sessions.len()),
-                    connected_at: at,
-                    disconnected_at: (!open).then_some(at + duration),
-                });
+                let peer = match &previous {
+                    // A port can only be reused once its previous connection is gone.
+                    Some((peer, ended)) if same_port && *ended < at => peer.clone(),
+                    _ => format!("10.0.0.{c}:{}", 20_000 + sessions.len()),
+                };
+                let disconnected_at = (!open).then_some(at + duration);
+                previous = Some((peer.clone(), disconnected_at.unwrap_or(i64::MAX)));
+                sessions.push(Session { client: c, peer, connected_at: at, disconnected_at });
             }
         }
         sessions
     })
 }
 
+fn session_key(s: &Session, style: Style) -> String {
+    match style {
+        Style::Emqx => format!("t{}", s.connected_at),
+        Style::Rmqtt => format!("a{}", s.peer),
+    }
+}
+
 fn changes(device: &DeviceRef, sessions: &[Session], style: Style) -> Vec<PresenceChange> {
     let mut out = Vec::new();
     for s in sessions {
-        let key = match style {
-            Style::Emqx => format!("t{}", s.connected_at),
-            Style::Rmqtt => format!("a{}", s.peer),
-        };
+        let key = session_key(s, style);
         out.push(PresenceChange::Connected {
             device: device.clone(),
             client_id: format!("c{}", s.client),
@@ -154,8 +162,16 @@ async fn check_case(
         .into_iter()
         .map(|c| (c.client_id, c.connected_at, c.disconnected_at))
         .collect();
+    // One row per session key: the newest session that had it.
+    let mut newest: std::collections::HashMap<(usize, String), &Session> = std::collections::HashMap::new();
+    for s in sessions {
+        let slot = newest.entry((s.client, session_key(s, style))).or_insert(s);
+        if s.connected_at > slot.connected_at {
+            *slot = s;
+        }
+    }
     let truth: BTreeSet<(String, Option<i64>, Option<i64>)> =
-        sessions.iter().map(|s| (format!("c{}", s.client), Some(s.connected_at), s.disconnected_at)).collect();
+        newest.values().map(|s| (format!("c{}", s.client), Some(s.connected_at), s.disconnected_at)).collect();
     prop_assert_eq!(stored, truth, "sessions");
     let last_seen = sessions.iter().map(|s| s.disconnected_at.unwrap_or(s.connected_at).max(s.connected_at)).max();
     prop_assert_eq!(record.last_seen_at, last_seen, "last seen = newest broker timestamp");

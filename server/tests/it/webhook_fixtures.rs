@@ -11,6 +11,11 @@ use sqlx::Executor;
 use crate::both_backends;
 use crate::helpers::*;
 
+fn base64_json(v: Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(v.to_string())
+}
+
 fn fixture(path: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/{path}.json", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
 }
@@ -133,6 +138,22 @@ async fn fixtures_apply(db: Db) {
     let rmqtt = d["connections"].as_array().unwrap().iter().find(|c| c["client_id"] == "dev1-c").unwrap();
     assert_eq!(rmqtt["connected_at"], 1_700_000_020_000i64, "disconnect merged into its session: {d}");
     assert_eq!(rmqtt["disconnected_at"], 1_700_000_023_000i64);
+
+    // Status reports apply in broker time; an older one arriving late is kept in history only, and of
+    // two reports in the same millisecond the later arrival wins (none is dropped).
+    let status = |id: &str, at: i64, fw: &str| {
+        json!({"event": "message.publish", "clientid": "dev1-a", "username": "fixture/dev1",
+            "topic": format!("update_status/fixture/dev1/{id}"), "payload": base64_json(json!({"fw": fw})),
+            "qos": 1, "publish_received_at": at})
+        .to_string()
+        .into_bytes()
+    };
+    let current = || async { hub.call(Method::GET, "/api/v1/products/fixture/devices/dev1/status", None).await.1 };
+    assert_eq!(post(&hub, "emqx5/events", status("s-new", 1_800_000_000_000, "2.0")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(post(&hub, "emqx5/events", status("s-old", 1_799_000_000_000, "1.5")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(current().await["status"], json!({"fw": "2.0"}), "a late older report does not win");
+    assert_eq!(post(&hub, "emqx5/events", status("s-same", 1_800_000_000_000, "2.1")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(current().await["status"], json!({"fw": "2.1"}), "same millisecond: the later arrival wins");
 
     // Malformed: 422 naming the field (a retry cannot fix it).
     let (s, p) = post(&hub, "emqx5/events", br#"[{"event":"client.connected","clientid":"x"}]"#.to_vec()).await;
