@@ -34,6 +34,12 @@ pub fn metrics_handle() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
                 .expect("static buckets are valid")
+                // Event counts per ingest transaction, not seconds.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("iothub_ingest_batch_events".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0],
+                )
+                .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
             let _ = metrics::set_global_recorder(recorder);

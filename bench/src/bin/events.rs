@@ -51,11 +51,13 @@ struct Args {
     /// Connect+disconnect pairs in the presence run.
     #[arg(long, default_value_t = 25_000)]
     presence_pairs: usize,
-    /// HTTP connections (EMQX's connector `pool_size`, 8 by default per node).
-    #[arg(long, default_value_t = 8)]
+    /// HTTP connections (EMQX's connector `pool_size` x nodes; emqx-config sets 64 per node).
+    #[arg(long, default_value_t = 128)]
     connections: usize,
-    /// Requests in flight per connection (EMQX `enable_pipelining`, up to 100 in emqx-config).
-    #[arg(long, default_value_t = 16)]
+    /// Requests in flight per connection (EMQX `enable_pipelining`). iothub answers a webhook only after
+    /// its group committed, and HTTP/1.1 answers pipelined requests in order, so pipelining adds no
+    /// concurrency: connections do.
+    #[arg(long, default_value_t = 1)]
     pipeline: usize,
     /// Events per webhook body (1 = what EMQX 5 and RMQTT send; >1 exercises array bodies).
     #[arg(long, default_value_t = 1)]

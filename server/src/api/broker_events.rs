@@ -2,8 +2,11 @@
 //!
 //! Each dialect is parsed into [`BrokerEvent`]s here and nowhere else. A body is one event or a JSON array
 //! of events. The answer is 204 only after every event is durably stored; a storage failure answers 503,
-//! which EMQX 5 retries (so do RMQTT and EMQX 4, which retry any non-2xx). A malformed event answers 422
-//! naming the field — retrying it cannot help. Events iothub has no use for are acknowledged and counted.
+//! which EMQX 5 retries (429/503 only) and RMQTT retries (any failure, up to `retry_max_elapsed_time`).
+//! EMQX 4.4's web hook retries only transport errors and drops an event answered with an error status,
+//! so on EMQX 4 an iothub storage outage loses the events of that window (docs: emqx-config/README.md).
+//! A malformed event answers 422 naming the field — retrying it cannot help. Events iothub has no use for
+//! are acknowledged and counted.
 //! Authentication (the hook token) is the router's `require_hook_token` layer.
 
 use axum::body::Bytes;

@@ -126,6 +126,21 @@ impl From<ConnectionRecord> for Connection {
     }
 }
 
+/// Newest first. A session counts as connected only while it is the newest of its client id: an older one
+/// whose disconnect never arrived (a lost webhook) was taken over, whatever its row says.
+fn session_list(records: Vec<ConnectionRecord>) -> Vec<Connection> {
+    let mut seen_clients = std::collections::HashSet::new();
+    records
+        .into_iter()
+        .map(|record| {
+            let newest_of_client = seen_clients.insert(record.client_id.clone());
+            let mut view = Connection::from(record);
+            view.connected &= newest_of_client;
+            view
+        })
+        .collect()
+}
+
 impl Device {
     fn from_record(d: DeviceRecord, credentials: Option<Vec<CredentialRecord>>) -> Self {
         Self {
@@ -283,7 +298,7 @@ pub async fn get(
     let (record, credentials) = state.registry.get_device(&device).await?;
     let connections = state.history.connections(&device).await?;
     let mut view = Device::from_record(record, Some(credentials));
-    view.connections = Some(connections.into_iter().map(Connection::from).collect());
+    view.connections = Some(session_list(connections));
     Ok(Json(view))
 }
 

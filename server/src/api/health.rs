@@ -13,23 +13,33 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready: every dependency answered just now. 503 names the ones that did not.
+/// Ready: every dependency is checked just now. The database and the broker API are critical (without
+/// them the instance cannot answer the broker's auth hooks): 503 names them. Redis and RabbitMQ are not:
+/// without them iothub still authenticates devices and stores every event (dedup falls back to the
+/// database's unique keys, events wait in the outbox), so their failure reports `degraded` with 200 —
+/// taking every instance out of the load balancer over a RabbitMQ outage would stop the devices too.
 pub async fn readyz(State(state): State<SharedState>) -> (StatusCode, Json<Value>) {
     let (store, broker, dedup, bus) =
         tokio::join!(state.store.ping(), state.broker.ping(), state.dedup.ping(), state.bus.ping());
-    let check = |name: &str, kind: &str, r: &crate::error::Result<()>| match r {
-        Ok(()) => json!({"name": name, "kind": kind, "ok": true}),
-        Err(e) => json!({"name": name, "kind": kind, "ok": false, "error": e.to_string()}),
+    let check = |name: &str, kind: &str, critical: bool, r: &crate::error::Result<()>| match r {
+        Ok(()) => json!({"name": name, "kind": kind, "critical": critical, "ok": true}),
+        Err(e) => json!({"name": name, "kind": kind, "critical": critical, "ok": false, "error": e.to_string()}),
     };
     let checks = vec![
-        check("database", state.store.backend(), &store),
-        check("broker", state.broker.kind(), &broker),
-        check("dedup", state.dedup.kind(), &dedup),
-        check("events", state.bus.kind(), &bus),
+        check("database", state.store.backend(), true, &store),
+        check("broker", state.broker.kind(), true, &broker),
+        check("dedup", state.dedup.kind(), false, &dedup),
+        check("events", state.bus.kind(), false, &bus),
     ];
-    let ready = store.is_ok() && broker.is_ok() && dedup.is_ok() && bus.is_ok();
+    let ready = store.is_ok() && broker.is_ok();
+    let degraded = dedup.is_err() || bus.is_err();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if ready { "ready" } else { "not_ready" }, "checks": checks})))
+    let label = match (ready, degraded) {
+        (false, _) => "not_ready",
+        (true, true) => "degraded",
+        (true, false) => "ready",
+    };
+    (status, Json(json!({"status": label, "checks": checks})))
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> impl IntoResponse {

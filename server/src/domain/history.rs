@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ids::{DeviceRef, ProductId};
 use crate::ports::store::{ConnectionRecord, MessageFilter, MessageRecord, ReportKind, ReportRecord, Store};
 
-/// Sessions listed with a device (open ones first by recency, then recently closed).
+/// Sessions listed with a device, newest first.
 pub const CONNECTIONS_SHOWN: u32 = 20;
 
 #[derive(Clone)]

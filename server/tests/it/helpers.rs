@@ -290,7 +290,7 @@ pub fn amqp_url() -> String {
 /// A RabbitMQ consumer bound to one product's events, the way a business system would consume them.
 pub struct EventConsumer {
     rx: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
-    _conn: lapin::Connection,
+    conn: lapin::Connection,
 }
 
 impl EventConsumer {
@@ -334,6 +334,11 @@ impl EventConsumer {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = consumer.next().await {
+                if tx.is_closed() {
+                    // The test dropped this consumer: hand the message back for the next one.
+                    let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                    break;
+                }
                 let kind = delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_default();
                 assert_eq!(delivery.properties.delivery_mode(), &Some(2), "events are persistent");
                 let body: Value = serde_json::from_slice(&delivery.data).expect("event body is JSON");
@@ -348,7 +353,12 @@ impl EventConsumer {
                 }
             }
         });
-        Self { rx, _conn: conn }
+        Self { rx, conn }
+    }
+
+    /// Stops consuming: the connection closes, unacknowledged messages go back to the queue.
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "test done".into()).await;
     }
 
     /// Collects events until `done` says so (given everything received so far), or panics after `timeout`.
