@@ -16,7 +16,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use tokio::sync::Mutex;
 
 use crate::domain::events::EventKind;
@@ -28,7 +28,15 @@ pub struct RabbitBus {
     prefix: String,
     timeout: Duration,
     /// Connection and confirm-mode publishing channel, `None` until first use or after a failure.
-    link: Mutex<Option<(Connection, Channel)>>,
+    link: Mutex<Option<Link>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+struct Link {
+    conn: Connection,
+    channel: Channel,
+    /// Which (re)connection this is, so a late failure never tears down a newer link.
+    generation: u64,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
@@ -37,11 +45,23 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 
 impl RabbitBus {
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Self {
-        Self { url: url.to_string(), prefix: prefix.to_string(), timeout, link: Mutex::new(None) }
+        Self {
+            url: url.to_string(),
+            prefix: prefix.to_string(),
+            timeout,
+            link: Mutex::new(None),
+            generation: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     pub fn exchange(&self, kind: EventKind) -> String {
         format!("{}.{}", self.prefix, kind.as_str())
+    }
+
+    async fn open_link(&self) -> Result<Link> {
+        let (conn, channel) = self.open().await?;
+        let generation = self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        Ok(Link { conn, channel, generation })
     }
 
     async fn open(&self) -> Result<(Connection, Channel)> {
@@ -67,7 +87,9 @@ impl RabbitBus {
         Ok((conn, channel))
     }
 
-    async fn publish_on(&self, channel: &Channel, events: &[BusEvent]) -> Result<()> {
+    /// Sends every event (frames queued on the channel); the returned confirms resolve as RabbitMQ
+    /// takes responsibility for each.
+    async fn send_all(&self, channel: &Channel, events: &[BusEvent]) -> Result<Vec<PublisherConfirm>> {
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
@@ -89,6 +111,10 @@ impl RabbitBus {
                 .map_err(|e| unavailable("publish", e))?;
             confirms.push(confirm);
         }
+        Ok(confirms)
+    }
+
+    async fn await_confirms(&self, confirms: Vec<PublisherConfirm>) -> Result<()> {
         for confirm in confirms {
             let confirmation = tokio::time::timeout(self.timeout, confirm)
                 .await
@@ -99,6 +125,22 @@ impl RabbitBus {
             }
         }
         Ok(())
+    }
+
+    /// Drops the link so the next publish reconnects (state unknown after a failure).
+    async fn reset(&self, failed_generation: u64) {
+        let mut link = self.link.lock().await;
+        if link.as_ref().is_some_and(|l| l.generation == failed_generation) {
+            if let Some(old) = link.take() {
+                let _ = old.conn.close(320, "iothub reconnecting".into()).await;
+            }
+        }
+    }
+}
+
+impl Link {
+    fn is_up(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
     }
 }
 
@@ -111,10 +153,10 @@ impl EventBus for RabbitBus {
     #[tracing::instrument(skip(self), name = "rabbitmq.ping")]
     async fn ping(&self) -> Result<()> {
         let mut link = self.link.lock().await;
-        if link.as_ref().is_some_and(|(c, ch)| c.status().connected() && ch.status().connected()) {
+        if link.as_ref().is_some_and(Link::is_up) {
             return Ok(());
         }
-        *link = Some(self.open().await?);
+        *link = Some(self.open_link().await?);
         Ok(())
     }
 
@@ -123,17 +165,22 @@ impl EventBus for RabbitBus {
         if events.is_empty() {
             return Ok(());
         }
-        let mut link = self.link.lock().await;
-        if !link.as_ref().is_some_and(|(c, ch)| c.status().connected() && ch.status().connected()) {
-            *link = Some(self.open().await?);
-        }
-        let (_, channel) = link.as_ref().expect("link opened above");
-        let result = self.publish_on(channel, events).await;
-        if result.is_err() {
-            // Unknown state (some confirms may be missing): start over on a fresh connection next time.
-            if let Some((conn, _)) = link.take() {
-                let _ = conn.close(320, "iothub reconnecting".into()).await;
+        // The lock covers sending only: the next batch may go out while this one waits for its confirms,
+        // which lets RabbitMQ confirm (and sync to disk) several batches at once.
+        let (generation, sent) = {
+            let mut link = self.link.lock().await;
+            if !link.as_ref().is_some_and(Link::is_up) {
+                *link = Some(self.open_link().await?);
             }
+            let link = link.as_ref().expect("link opened above");
+            (link.generation, self.send_all(&link.channel, events).await)
+        };
+        let result = match sent {
+            Ok(confirms) => self.await_confirms(confirms).await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.reset(generation).await;
         }
         result
     }

@@ -1,7 +1,7 @@
 //! The outbox relay: moves committed events from the outbox to the event bus, at least once.
 //!
 //! The ingest path hands each committed batch's outbox rows straight to the relay, which publishes them
-//! (RabbitMQ confirms) and deletes them. Rows whose publishing failed are released and picked up by the
+//! (RabbitMQ confirms; up to four rounds in flight) and deletes them. Rows whose publishing failed are released and picked up by the
 //! periodic sweep once the bus is back; rows of an instance that died between commit and publish are
 //! swept by any instance after their lease expires. A row is deleted only after the bus confirmed it, so
 //! nothing is lost; a crash between confirm and delete republishes it with the same event id.
@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::ports::event_bus::EventBus;
@@ -54,13 +56,20 @@ struct Relay {
     backoff: Option<(tokio::time::Instant, Duration)>,
 }
 
+/// Publish rounds in flight at once: while one waits for its confirms the next is sent, so RabbitMQ
+/// confirms (and syncs) several rounds together.
+const MAX_ROUNDS: usize = 4;
+
+type Rounds = JoinSet<bool>;
+
 impl Relay {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<OutboxRecord>>) {
         let mut sweep = tokio::time::interval(self.settings.sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds = Rounds::new();
         loop {
             tokio::select! {
-                received = rx.recv() => {
+                received = rx.recv(), if rounds.len() < MAX_ROUNDS => {
                     let Some(mut records) = received else { break };
                     while records.len() < PUBLISH_CHUNK {
                         match rx.try_recv() {
@@ -70,17 +79,21 @@ impl Relay {
                     }
                     if self.backing_off() {
                         // The sweep will retry them once the bus is back; until then they wait in the outbox.
-                        self.release(&records).await;
+                        release(&*self.store, &records).await;
                     } else {
-                        self.publish(records).await;
+                        self.spawn_round(&mut rounds, records);
                     }
                 }
+                Some(done) = rounds.join_next(), if !rounds.is_empty() => self.round_done(done),
                 _ = sweep.tick() => {
                     if !self.backing_off() {
-                        self.sweep().await;
+                        self.sweep(&mut rounds).await;
                     }
                 }
             }
+        }
+        while let Some(done) = rounds.join_next().await {
+            self.round_done(done);
         }
         tracing::debug!("outbox relay stopped");
     }
@@ -89,8 +102,31 @@ impl Relay {
         self.backoff.is_some_and(|(until, _)| tokio::time::Instant::now() < until)
     }
 
-    async fn sweep(&mut self) {
+    fn round_done(&mut self, done: Result<bool, tokio::task::JoinError>) {
+        match done {
+            Ok(true) => {
+                if self.backoff.take().is_some() {
+                    tracing::info!(bus = self.bus.kind(), "event bus is back; publishing resumed");
+                }
+            }
+            Ok(false) | Err(_) => {
+                let delay = self.backoff.map_or(Duration::from_millis(200), |(_, d)| (d * 2).min(MAX_BACKOFF));
+                self.backoff = Some((tokio::time::Instant::now() + delay, delay));
+            }
+        }
+    }
+
+    /// Leases what is waiting (published before, failed, or left by a dead instance) and publishes it.
+    async fn sweep(&mut self, rounds: &mut Rounds) {
         loop {
+            while rounds.len() >= MAX_ROUNDS {
+                if let Some(done) = rounds.join_next().await {
+                    self.round_done(done);
+                }
+            }
+            if self.backing_off() {
+                return;
+            }
             let leased = match self.store.outbox_lease(PUBLISH_CHUNK as u32, now_ms(), self.settings.lease_ms).await {
                 Ok(leased) => leased,
                 Err(e) => {
@@ -98,51 +134,53 @@ impl Relay {
                     return;
                 }
             };
-            if leased.is_empty() {
-                return;
-            }
             let full = leased.len() == PUBLISH_CHUNK;
-            if !self.publish(leased).await || !full {
+            if !leased.is_empty() {
+                self.spawn_round(rounds, leased);
+            }
+            if !full {
                 return;
             }
         }
     }
 
-    /// Publishes and deletes; `false` when the bus failed (rows released for a later sweep).
-    #[tracing::instrument(skip_all, fields(count = records.len()), name = "relay.publish")]
-    async fn publish(&mut self, records: Vec<OutboxRecord>) -> bool {
-        let events: Vec<_> = records.iter().map(|r| r.event.clone()).collect();
-        let started = std::time::Instant::now();
-        match self.bus.publish(&events).await {
-            Ok(()) => {
-                metrics::histogram!("iothub_events_publish_seconds").record(started.elapsed().as_secs_f64());
-                metrics::counter!("iothub_events_published_total").increment(records.len() as u64);
-                if self.backoff.take().is_some() {
-                    tracing::info!(bus = self.bus.kind(), "event bus is back; publishing resumed");
+    /// Publishes and deletes in the background; the round reports `false` when the bus failed (its rows
+    /// are released for a later sweep).
+    fn spawn_round(&self, rounds: &mut Rounds, records: Vec<OutboxRecord>) {
+        let (store, bus) = (self.store.clone(), self.bus.clone());
+        let span = tracing::info_span!("relay.publish", count = records.len());
+        rounds.spawn(
+            async move {
+                let events: Vec<_> = records.iter().map(|r| r.event.clone()).collect();
+                let started = std::time::Instant::now();
+                match bus.publish(&events).await {
+                    Ok(()) => {
+                        metrics::histogram!("iothub_events_publish_seconds").record(started.elapsed().as_secs_f64());
+                        metrics::counter!("iothub_events_published_total").increment(records.len() as u64);
+                        let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
+                        if let Err(e) = store.outbox_ack(&ids).await {
+                            // They will be published again after the lease: a duplicate, never a loss.
+                            tracing::warn!(error = %e, count = ids.len(), "could not delete published outbox rows");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        metrics::counter!("iothub_events_publish_failures_total").increment(1);
+                        tracing::warn!(error = %e, bus = bus.kind(), pending = records.len(),
+                            "event bus publish failed; events stay in the outbox");
+                        release(&*store, &records).await;
+                        false
+                    }
                 }
-                let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
-                if let Err(e) = self.store.outbox_ack(&ids).await {
-                    // They will be published again after the lease: a duplicate, never a loss.
-                    tracing::warn!(error = %e, count = ids.len(), "could not delete published outbox rows");
-                }
-                true
             }
-            Err(e) => {
-                metrics::counter!("iothub_events_publish_failures_total").increment(1);
-                let delay = self.backoff.map_or(Duration::from_millis(200), |(_, d)| (d * 2).min(MAX_BACKOFF));
-                tracing::warn!(error = %e, bus = self.bus.kind(), retry_in_ms = delay.as_millis() as u64,
-                    pending = records.len(), "event bus publish failed; events stay in the outbox");
-                self.backoff = Some((tokio::time::Instant::now() + delay, delay));
-                self.release(&records).await;
-                false
-            }
-        }
+            .instrument(span),
+        );
     }
+}
 
-    async fn release(&self, records: &[OutboxRecord]) {
-        let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
-        if let Err(e) = self.store.outbox_release(&ids).await {
-            tracing::warn!(error = %e, "could not release outbox rows; they return after their lease");
-        }
+async fn release(store: &dyn Store, records: &[OutboxRecord]) {
+    let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
+    if let Err(e) = store.outbox_release(&ids).await {
+        tracing::warn!(error = %e, "could not release outbox rows; they return after their lease");
     }
 }
