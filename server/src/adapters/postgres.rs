@@ -563,16 +563,51 @@ impl PgStore {
         }
         events.extend(batch.events.iter().cloned());
 
+        // Lock every device of the group first, in one statement and one global order: each recompute
+        // below must see every session another transaction added, and concurrent groups must not deadlock.
+        // Devices that no longer exist are skipped. Then prune once per device, relative to its oldest
+        // connect in the group (broker time).
+        let mut present: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        if !batch.presence.is_empty() {
+            let mut oldest_connect: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
+            let mut devices: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
+            for change in &batch.presence {
+                let d = change.device();
+                let key = (d.product.as_str(), d.device.as_str());
+                devices.insert(key);
+                if let PresenceChange::Connected { connected_at, .. } = change {
+                    let slot = oldest_connect.entry(key).or_insert(*connected_at);
+                    *slot = (*slot).min(*connected_at);
+                }
+            }
+            let locked: Vec<(String, String)> = sqlx::query_as(
+                "SELECT d.product_id, d.device_id FROM devices d
+                 JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS u(p, i) ON d.product_id = u.p AND d.device_id = u.i
+                 ORDER BY d.product_id, d.device_id
+                 FOR NO KEY UPDATE OF d",
+            )
+            .bind(devices.iter().map(|k| k.0).collect::<Vec<_>>())
+            .bind(devices.iter().map(|k| k.1).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            present.extend(locked);
+            if !oldest_connect.is_empty() {
+                sqlx::query(
+                    "DELETE FROM device_connections c
+                     USING UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(p, i, before)
+                     WHERE c.product_id = u.p AND c.device_id = u.i
+                       AND c.disconnected_at IS NOT NULL AND c.disconnected_at < u.before",
+                )
+                .bind(oldest_connect.keys().map(|k| k.0).collect::<Vec<_>>())
+                .bind(oldest_connect.keys().map(|k| k.1).collect::<Vec<_>>())
+                .bind(oldest_connect.values().map(|t| t - presence_sql::RETENTION_MS).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         for change in &batch.presence {
             let device = change.device();
-            // Lock the device first: the recompute below must see every session another transaction added.
-            let exists =
-                sqlx::query("SELECT 1 FROM devices WHERE product_id = $1 AND device_id = $2 FOR NO KEY UPDATE")
-                    .bind(device.product.as_str())
-                    .bind(device.device.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if exists.is_none() {
+            if !present.contains(&(device.product.to_string(), device.device.to_string())) {
                 continue;
             }
             let merged = match change {
@@ -587,12 +622,6 @@ impl PgStore {
                     node,
                     ..
                 } => {
-                    sqlx::query(presence_sql::PRUNE)
-                        .bind(device.product.as_str())
-                        .bind(device.device.as_str())
-                        .bind(connected_at - presence_sql::RETENTION_MS)
-                        .execute(&mut *tx)
-                        .await?;
                     sqlx::query(presence_sql::CONNECTED)
                         .bind(device.product.as_str())
                         .bind(device.device.as_str())
