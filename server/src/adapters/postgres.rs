@@ -605,70 +605,42 @@ impl PgStore {
                 .await?;
             }
         }
-        for change in &batch.presence {
-            let device = change.device();
-            if !present.contains(&(device.product.to_string(), device.device.to_string())) {
-                continue;
+        // One round trip for all of the group's changes (migrations/postgres/0003_presence_function.sql).
+        let changes: Vec<&PresenceChange> = batch
+            .presence
+            .iter()
+            .filter(|c| present.contains(&(c.device().product.to_string(), c.device().device.to_string())))
+            .collect();
+        if !changes.is_empty() {
+            let mut cols = PresenceColumns::default();
+            for change in &changes {
+                cols.push(change);
             }
-            let merged = match change {
-                PresenceChange::Connected {
-                    client_id,
-                    session_key,
-                    connected_at,
-                    ip_address,
-                    proto_ver,
-                    keepalive,
-                    clean_start,
-                    node,
-                    ..
-                } => {
-                    sqlx::query(presence_sql::CONNECTED)
-                        .bind(device.product.as_str())
-                        .bind(device.device.as_str())
-                        .bind(client_id)
-                        .bind(session_key)
-                        .bind(connected_at)
-                        .bind(ip_address)
-                        .bind(proto_ver)
-                        .bind(keepalive)
-                        .bind(clean_start)
-                        .bind(node)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                }
-                PresenceChange::Disconnected {
-                    client_id,
-                    session_key,
-                    connected_at,
-                    disconnected_at,
-                    reason,
-                    ip_address,
-                    node,
-                    ..
-                } => {
-                    sqlx::query(presence_sql::DISCONNECTED)
-                        .bind(device.product.as_str())
-                        .bind(device.device.as_str())
-                        .bind(client_id)
-                        .bind(session_key)
-                        .bind(connected_at)
-                        .bind(disconnected_at)
-                        .bind(reason)
-                        .bind(ip_address)
-                        .bind(node)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                }
-            };
-            let Some(merged) = merged else { continue };
-            let online: bool = sqlx::query_scalar(presence_sql::RECOMPUTE)
-                .bind(device.product.as_str())
-                .bind(device.device.as_str())
-                .bind(change.at())
-                .fetch_one(&mut *tx)
-                .await?;
-            out.presence_applied += 1;
-            events.push(connection_event!(change, &merged, online));
+            let rows = sqlx::query(
+                "SELECT * FROM iothub_apply_presence($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            )
+            .bind(&cols.products)
+            .bind(&cols.devices)
+            .bind(&cols.clients)
+            .bind(&cols.keys)
+            .bind(&cols.is_connect)
+            .bind(&cols.connected_at)
+            .bind(&cols.disconnected_at)
+            .bind(&cols.reasons)
+            .bind(&cols.ips)
+            .bind(&cols.protos)
+            .bind(&cols.keepalives)
+            .bind(&cols.cleans)
+            .bind(&cols.nodes)
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &rows {
+                let ord: i32 = row.try_get("ord")?;
+                let change = changes[(ord - 1) as usize];
+                let online: bool = row.try_get("online")?;
+                out.presence_applied += 1;
+                events.push(connection_event!(change, row, online));
+            }
         }
 
         if !events.is_empty() {
@@ -689,6 +661,79 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(out)
+    }
+}
+
+/// A group's presence changes as the column arrays `iothub_apply_presence` takes.
+#[derive(Default)]
+struct PresenceColumns {
+    products: Vec<String>,
+    devices: Vec<String>,
+    clients: Vec<String>,
+    keys: Vec<String>,
+    is_connect: Vec<bool>,
+    connected_at: Vec<Option<i64>>,
+    disconnected_at: Vec<Option<i64>>,
+    reasons: Vec<Option<String>>,
+    ips: Vec<Option<String>>,
+    protos: Vec<Option<i32>>,
+    keepalives: Vec<Option<i32>>,
+    cleans: Vec<Option<bool>>,
+    nodes: Vec<Option<String>>,
+}
+
+impl PresenceColumns {
+    fn push(&mut self, change: &PresenceChange) {
+        let device = change.device();
+        self.products.push(device.product.to_string());
+        self.devices.push(device.device.to_string());
+        match change {
+            PresenceChange::Connected {
+                client_id,
+                session_key,
+                connected_at,
+                ip_address,
+                proto_ver,
+                keepalive,
+                clean_start,
+                node,
+                ..
+            } => {
+                self.clients.push(client_id.clone());
+                self.keys.push(session_key.clone());
+                self.is_connect.push(true);
+                self.connected_at.push(Some(*connected_at));
+                self.disconnected_at.push(None);
+                self.reasons.push(None);
+                self.ips.push(ip_address.clone());
+                self.protos.push(*proto_ver);
+                self.keepalives.push(Some(*keepalive));
+                self.cleans.push(*clean_start);
+                self.nodes.push(node.clone());
+            }
+            PresenceChange::Disconnected {
+                client_id,
+                session_key,
+                connected_at,
+                disconnected_at,
+                reason,
+                ip_address,
+                node,
+                ..
+            } => {
+                self.clients.push(client_id.clone());
+                self.keys.push(session_key.clone());
+                self.is_connect.push(false);
+                self.connected_at.push(*connected_at);
+                self.disconnected_at.push(Some(*disconnected_at));
+                self.reasons.push(Some(reason.clone()));
+                self.ips.push(ip_address.clone());
+                self.protos.push(None);
+                self.keepalives.push(None);
+                self.cleans.push(None);
+                self.nodes.push(node.clone());
+            }
+        }
     }
 }
 
