@@ -191,6 +191,15 @@ async fn counting_consumer(
     Ok((count, conn))
 }
 
+/// Deletes a phase's queue: a durable queue left bound would keep receiving (and persisting) every later
+/// event, doubling RabbitMQ's work in the next phase.
+async fn drop_queue(conn: lapin::Connection, queue: &str) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
 fn consumer_idle_hint(counter: &AtomicU64) -> bool {
     counter.load(Ordering::Relaxed) % 50 == 0
 }
@@ -323,7 +332,7 @@ async fn pipeline(args: &Args, devices: &[String], run: &str) -> anyhow::Result<
     wait_count(&count, args.events as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
     let after = cpu_snapshot();
-    conn.close(200, "done".into()).await?;
+    drop_queue(conn, &format!("bench.pipeline.{run}")).await?;
     let rate = args.events as f64 / done;
     println!(
         "| pipeline ({run}): webhook → Redis dedup → PostgreSQL (+outbox) → RabbitMQ confirmed → consumer | {} events, {} per request, {} connections x {} pipelined | **{rate:.0} events/s** end to end ({:.0}/s acknowledged) | pipelined round p50 {:.1} ms / p99 {:.1} ms; CPU: {} |",
@@ -417,7 +426,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
     wait_count(&count, args.events as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
     let after = cpu_snapshot();
-    conn.close(200, "done".into()).await?;
+    drop_queue(conn, "bench.floor").await?;
     let rate = args.events as f64 / done;
     println!(
         "| floor: batched UNNEST insert ({} rows) + confirmed publish, {} workers → consumer | {} events | **{rate:.0} events/s** | CPU: {} |",
@@ -454,7 +463,7 @@ async fn presence(args: &Args, devices: &[String]) -> anyhow::Result<()> {
     wait_count(&count, n as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
     let after = cpu_snapshot();
-    conn.close(200, "done".into()).await?;
+    drop_queue(conn, "bench.presence").await?;
     println!(
         "| presence: client.connected/disconnected webhooks → sessions + online flag + outbox → RabbitMQ | {n} events over {} devices | **{:.0} events/s** end to end | pipelined round p50 {:.1} ms / p99 {:.1} ms; CPU: {} |",
         devices.len(),
