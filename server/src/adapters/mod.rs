@@ -137,11 +137,17 @@ pub(crate) mod presence_sql {
           AND (device_connections.connected_at IS NULL OR EXCLUDED.disconnected_at >= device_connections.connected_at)
         RETURNING connected_at, disconnected_at, reason, ip_address, proto_ver, keepalive, clean_start, node";
 
-    /// Closed sessions that ended more than the retention before a new connect go. Relative to the
+    /// Sessions that ended (or, open, were superseded by a newer session of their client id, whose
+    /// disconnect webhook was lost) more than the retention before a new connect go. Relative to the
     /// broker's time of that connect, not the wall clock: a replayed old connect prunes nothing, finds its
-    /// session still recorded and changes nothing.
-    pub const PRUNE: &str = "DELETE FROM device_connections
-        WHERE product_id = $1 AND device_id = $2 AND disconnected_at IS NOT NULL AND disconnected_at < $3";
+    /// session still recorded and changes nothing. A superseded open session goes with the session that
+    /// superseded it, so it can never become its client's newest again.
+    pub const PRUNABLE: &str = "COALESCE(c.disconnected_at, c.connected_at) < $before
+        AND (c.disconnected_at IS NOT NULL OR EXISTS (
+            SELECT 1 FROM device_connections n
+            WHERE n.product_id = c.product_id AND n.device_id = c.device_id AND n.client_id = c.client_id
+              AND (COALESCE(n.connected_at, n.disconnected_at), n.session_key)
+                > (COALESCE(c.connected_at, c.disconnected_at), c.session_key)))";
 
     pub const RECOMPUTE: &str = "UPDATE devices SET
             online = EXISTS (
@@ -180,7 +186,13 @@ macro_rules! connection_event {
             }
         };
         crate::domain::events::ConnectionEvent {
-            event_id: crate::domain::events::ConnectionEvent::id_for(device, client_id, session_key, event),
+            event_id: crate::domain::events::ConnectionEvent::id_for(
+                device,
+                client_id,
+                session_key,
+                event,
+                change.at(),
+            ),
             event: event.to_string(),
             product_id: device.product.to_string(),
             device_id: device.device.to_string(),
@@ -219,13 +231,15 @@ macro_rules! connection_row {
 }
 pub(crate) use connection_row;
 
-/// Whether `text` can go into a JSON column: valid JSON without NUL escapes, which PostgreSQL's JSONB
-/// rejects (a whole batch would fail on one such payload).
-pub(crate) fn storable_json(bytes: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(bytes).ok()?;
+/// The payload as JSON text a JSON column accepts, or `None`. Parsed into a value (which refuses what
+/// PostgreSQL's JSONB would: lone surrogate escapes, numbers out of range) and written back normalised
+/// (exponents PostgreSQL's `numeric` cannot hold become plain floats), and without NUL escapes, which
+/// JSONB rejects. One bad payload must never fail a whole group of other devices' events.
+pub(crate) fn storable_json(bytes: &[u8]) -> Option<(serde_json::Value, String)> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let text = serde_json::to_string(&value).ok()?;
     if text.contains("\\u0000") {
         return None;
     }
-    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
-    Some(text)
+    Some((value, text))
 }

@@ -540,8 +540,43 @@ impl PgStore {
             }
         }
 
-        if !batch.reports.is_empty() {
-            let r = &batch.reports;
+        // Lock every device the group's reports and presence changes touch, in one statement and one global
+        // order, before writing any of them: each presence recompute must see every session another
+        // transaction added, and neither concurrent groups nor a device deletion can deadlock with us (the
+        // deletion waits). Devices that no longer exist are skipped. Then prune once per device, relative to
+        // its oldest connect in the group (broker time).
+        let mut present: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        let mut oldest_connect: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
+        if !batch.presence.is_empty() || !batch.reports.is_empty() {
+            let mut devices: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
+            for report in &batch.reports {
+                devices.insert((report.device.product.as_str(), report.device.device.as_str()));
+            }
+            for change in &batch.presence {
+                let d = change.device();
+                let key = (d.product.as_str(), d.device.as_str());
+                devices.insert(key);
+                if let PresenceChange::Connected { connected_at, .. } = change {
+                    let slot = oldest_connect.entry(key).or_insert(*connected_at);
+                    *slot = (*slot).min(*connected_at);
+                }
+            }
+            let locked: Vec<(String, String)> = sqlx::query_as(
+                "SELECT d.product_id, d.device_id FROM devices d
+                 JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS u(p, i) ON d.product_id = u.p AND d.device_id = u.i
+                 ORDER BY d.product_id, d.device_id
+                 FOR NO KEY UPDATE OF d",
+            )
+            .bind(devices.iter().map(|k| k.0).collect::<Vec<_>>())
+            .bind(devices.iter().map(|k| k.1).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+            present.extend(locked);
+        }
+        let is_present = |d: &DeviceRef| present.contains(&(d.product.to_string(), d.device.to_string()));
+
+        let r: Vec<&NewReport> = batch.reports.iter().filter(|x| is_present(&x.device)).collect();
+        if !r.is_empty() {
             let done = sqlx::query(
                 "INSERT INTO device_reports (product_id, device_id, kind, payload, message_id, reported_at)
                  SELECT u.p, u.d, u.k, u.j::JSONB, u.m, u.r
@@ -563,54 +598,21 @@ impl PgStore {
         }
         events.extend(batch.events.iter().cloned());
 
-        // Lock every device of the group first, in one statement and one global order: each recompute
-        // below must see every session another transaction added, and concurrent groups must not deadlock.
-        // Devices that no longer exist are skipped. Then prune once per device, relative to its oldest
-        // connect in the group (broker time).
-        let mut present: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
-        if !batch.presence.is_empty() {
-            let mut oldest_connect: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
-            let mut devices: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
-            for change in &batch.presence {
-                let d = change.device();
-                let key = (d.product.as_str(), d.device.as_str());
-                devices.insert(key);
-                if let PresenceChange::Connected { connected_at, .. } = change {
-                    let slot = oldest_connect.entry(key).or_insert(*connected_at);
-                    *slot = (*slot).min(*connected_at);
-                }
-            }
-            let locked: Vec<(String, String)> = sqlx::query_as(
-                "SELECT d.product_id, d.device_id FROM devices d
-                 JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS u(p, i) ON d.product_id = u.p AND d.device_id = u.i
-                 ORDER BY d.product_id, d.device_id
-                 FOR NO KEY UPDATE OF d",
-            )
-            .bind(devices.iter().map(|k| k.0).collect::<Vec<_>>())
-            .bind(devices.iter().map(|k| k.1).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
+        if !oldest_connect.is_empty() {
+            sqlx::query(&format!(
+                "DELETE FROM device_connections c
+                 USING UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(p, i, before)
+                 WHERE c.product_id = u.p AND c.device_id = u.i AND {}",
+                presence_sql::PRUNABLE.replace("$before", "u.before")
+            ))
+            .bind(oldest_connect.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(oldest_connect.keys().map(|k| k.1).collect::<Vec<_>>())
+            .bind(oldest_connect.values().map(|t| t - presence_sql::RETENTION_MS).collect::<Vec<_>>())
+            .execute(&mut *tx)
             .await?;
-            present.extend(locked);
-            if !oldest_connect.is_empty() {
-                sqlx::query(
-                    "DELETE FROM device_connections c
-                     USING UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS u(p, i, before)
-                     WHERE c.product_id = u.p AND c.device_id = u.i
-                       AND c.disconnected_at IS NOT NULL AND c.disconnected_at < u.before",
-                )
-                .bind(oldest_connect.keys().map(|k| k.0).collect::<Vec<_>>())
-                .bind(oldest_connect.keys().map(|k| k.1).collect::<Vec<_>>())
-                .bind(oldest_connect.values().map(|t| t - presence_sql::RETENTION_MS).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await?;
-            }
         }
         // One round trip for all of the group's changes (migrations/postgres/0003_presence_function.sql).
-        let changes: Vec<&PresenceChange> = batch
-            .presence
-            .iter()
-            .filter(|c| present.contains(&(c.device().product.to_string(), c.device().device.to_string())))
-            .collect();
+        let changes: Vec<&PresenceChange> = batch.presence.iter().filter(|c| is_present(c.device())).collect();
         if !changes.is_empty() {
             let mut cols = PresenceColumns::default();
             for change in &changes {

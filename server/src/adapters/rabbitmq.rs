@@ -152,7 +152,9 @@ impl EventBus for RabbitBus {
 
     #[tracing::instrument(skip(self), name = "rabbitmq.ping")]
     async fn ping(&self) -> Result<()> {
-        let mut link = self.link.lock().await;
+        // Never queue behind a publish in progress (RabbitMQ flow control can hold one for long): a link
+        // busy publishing is up; its failures surface through the relay.
+        let Ok(mut link) = self.link.try_lock() else { return Ok(()) };
         if link.as_ref().is_some_and(Link::is_up) {
             return Ok(());
         }
@@ -173,7 +175,11 @@ impl EventBus for RabbitBus {
                 *link = Some(self.open_link().await?);
             }
             let link = link.as_ref().expect("link opened above");
-            (link.generation, self.send_all(&link.channel, events).await)
+            // Bounded: a blocked connection (RabbitMQ memory/disk alarm) must not hold the link forever.
+            let sent = tokio::time::timeout(self.timeout * 2, self.send_all(&link.channel, events))
+                .await
+                .unwrap_or_else(|_| Err(unavailable("publish", "timed out (flow control?)")));
+            (link.generation, sent)
         };
         let result = match sent {
             Ok(confirms) => self.await_confirms(confirms).await,

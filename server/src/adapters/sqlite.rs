@@ -634,7 +634,10 @@ static SQL: std::sync::LazyLock<PresenceSql> = std::sync::LazyLock::new(|| {
     PresenceSql {
         connected: q(presence_sql::CONNECTED),
         disconnected: q(presence_sql::DISCONNECTED),
-        prune: q(presence_sql::PRUNE),
+        prune: q(&format!(
+            "DELETE FROM device_connections AS c WHERE c.product_id = $1 AND c.device_id = $2 AND {}",
+            presence_sql::PRUNABLE.replace("$before", "$3")
+        )),
         recompute: q(presence_sql::RECOMPUTE),
         list: q(presence_sql::LIST),
     }

@@ -152,8 +152,19 @@ pub struct ConnectionEvent {
 }
 
 impl ConnectionEvent {
-    pub fn id_for(device: &DeviceRef, client_id: &str, session_key: &str, event: &str) -> String {
-        event_id(&["device_connection", device.product.as_str(), device.device.as_str(), client_id, session_key, event])
+    /// The broker time of the change is part of the id: RMQTT session keys (peer addresses) can repeat
+    /// across sessions, and two sessions' events must never share an id.
+    pub fn id_for(device: &DeviceRef, client_id: &str, session_key: &str, event: &str, at: i64) -> String {
+        let at = at.to_string();
+        event_id(&[
+            "device_connection",
+            device.product.as_str(),
+            device.device.as_str(),
+            client_id,
+            session_key,
+            event,
+            &at,
+        ])
     }
 
     pub fn into_bus_event(self, device: &DeviceRef) -> BusEvent {
@@ -180,6 +191,11 @@ mod tests {
         assert_ne!(a.event_id, c.event_id);
         let s = report(EventKind::UpdateStatus, &dev(), "m1", &serde_json::json!({}), 1, 2);
         assert_ne!(a.event_id, s.event_id, "kinds do not collide");
+        // RMQTT keys sessions by peer address, which can repeat: the time keeps the ids apart.
+        assert_ne!(
+            ConnectionEvent::id_for(&dev(), "c", "a10.0.0.1:5000", "connected", 1),
+            ConnectionEvent::id_for(&dev(), "c", "a10.0.0.1:5000", "connected", 2)
+        );
     }
 
     /// The documented examples in docs/events.md carry exactly the fields the code emits.

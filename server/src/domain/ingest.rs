@@ -179,7 +179,7 @@ fn classify_publish(
             Work::Message {
                 key: key("u", message_id),
                 message: NewMessage {
-                    payload_json: storable_json(&payload).map(str::to_string),
+                    payload_json: storable_json(&payload).map(|(_, text)| text),
                     device: publisher,
                     message_id: message_id.to_string(),
                     data_type: data_type.to_string(),
@@ -194,12 +194,11 @@ fn classify_publish(
                 Upstream::UpdateStatus { .. } => (ReportKind::Status, EventKind::UpdateStatus, "s"),
                 _ => (ReportKind::Ota, EventKind::OtaProgress, "o"),
             };
-            let Some(json) = storable_json(&payload) else {
+            let Some((value, json)) = storable_json(&payload) else {
                 metrics::counter!("iothub_upstream_rejected_total", "reason" => "invalid_json").increment(1);
-                tracing::warn!(client_id, topic, "report payload is not JSON; ignored");
+                tracing::warn!(client_id, topic, "report payload is not storable JSON; ignored");
                 return Work::Skip("rejected");
             };
-            let value: serde_json::Value = serde_json::from_str(json).expect("checked by storable_json");
             let event = events::report(event_kind, &publisher, message_id, &value, sent_at, now);
             Work::Report {
                 key: key(prefix, message_id),
@@ -207,7 +206,7 @@ fn classify_publish(
                     device: publisher,
                     kind,
                     message_id: message_id.to_string(),
-                    payload_json: json.to_string(),
+                    payload_json: json,
                     reported_at: sent_at,
                 },
                 event,
@@ -455,6 +454,19 @@ mod tests {
         assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"{\"a\":1}"), 5), Work::Report { .. }));
         assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"not json"), 5), Work::Skip("rejected")));
         assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"\"\\u0000\""), 5), Work::Skip("rejected")));
+        // Valid for a lenient parser, refused by JSONB: must be skipped, never panic or fail a group.
+        for bad in [&b"\"\\ud800\""[..], b"1e400", b"{\"t\":\"\\udc00\"}"] {
+            assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", bad), 5), Work::Skip("rejected")));
+            match classify(publish("p/d", "upload_data/p/d/t/m1", bad), 5) {
+                Work::Message { message, .. } => assert_eq!(message.payload_json, None, "kept as bytes only"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Extreme exponents are normalised into something numeric can hold.
+        match classify(publish("p/d", "upload_data/p/d/t/m1", b"1e-20000"), 5) {
+            Work::Message { message, .. } => assert_eq!(message.payload_json.as_deref(), Some("0.0")),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(classify(publish("p/x", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
         assert!(matches!(classify(publish("q/d", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
         assert!(matches!(

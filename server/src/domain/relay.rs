@@ -21,9 +21,12 @@ use crate::ports::store::{OutboxRecord, Store};
 const PUBLISH_CHUNK: usize = 2_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Freshly committed rows, with when they were handed over (their lease started then).
+type HandOff = (tokio::time::Instant, Vec<OutboxRecord>);
+
 #[derive(Clone)]
 pub struct RelayHandle {
-    tx: mpsc::UnboundedSender<Vec<OutboxRecord>>,
+    tx: mpsc::UnboundedSender<HandOff>,
 }
 
 impl RelayHandle {
@@ -31,7 +34,7 @@ impl RelayHandle {
     pub fn hand_off(&self, records: Vec<OutboxRecord>) {
         if !records.is_empty() {
             // A closed relay (shutdown) leaves the rows in the outbox for the next start.
-            let _ = self.tx.send(records);
+            let _ = self.tx.send((tokio::time::Instant::now(), records));
         }
     }
 }
@@ -63,19 +66,29 @@ const MAX_ROUNDS: usize = 4;
 type Rounds = JoinSet<bool>;
 
 impl Relay {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Vec<OutboxRecord>>) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<HandOff>) {
         let mut sweep = tokio::time::interval(self.settings.sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rounds = Rounds::new();
         loop {
             tokio::select! {
                 received = rx.recv(), if rounds.len() < MAX_ROUNDS => {
-                    let Some(mut records) = received else { break };
-                    while records.len() < PUBLISH_CHUNK {
-                        match rx.try_recv() {
-                            Ok(more) => records.extend(more),
-                            Err(_) => break,
+                    let Some(first) = received else { break };
+                    let mut records = Vec::new();
+                    let mut next = Some(first);
+                    while let Some((handed_at, more)) = next.take() {
+                        // When the bus is slower than ingest, hand-offs wait here; once half their lease
+                        // is gone the sweep (of any instance) will publish them, so publishing them from
+                        // here too would only duplicate them.
+                        if handed_at.elapsed() < self.stale_after() {
+                            records.extend(more);
                         }
+                        if records.len() < PUBLISH_CHUNK {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if records.is_empty() {
+                        continue;
                     }
                     if self.backing_off() {
                         // The sweep will retry them once the bus is back; until then they wait in the outbox.
@@ -96,6 +109,10 @@ impl Relay {
             self.round_done(done);
         }
         tracing::debug!("outbox relay stopped");
+    }
+
+    fn stale_after(&self) -> Duration {
+        Duration::from_millis((self.settings.lease_ms / 2).max(1) as u64)
     }
 
     fn backing_off(&self) -> bool {

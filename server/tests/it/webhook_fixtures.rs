@@ -186,3 +186,37 @@ async fn failed_store_answers_503_and_the_retry_is_kept() {
 }
 
 use sqlx::Connection;
+
+/// A session whose disconnect was lost, superseded by a newer session of its client id, must not come back
+/// as that client's newest session when the newer one is pruned a day later.
+async fn pruning_never_resurrects_a_superseded_session(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("fixture").await;
+    hub.register("fixture", "dev1").await;
+    let t0: i64 = 1_700_000_000_000;
+    let day = 86_400_000;
+    let connected = |client: &str, at: i64| {
+        json!({"event": "client.connected", "clientid": client, "username": "fixture/dev1", "peername": "10.0.0.9:1",
+            "proto_ver": 5, "keepalive": 60, "clean_start": true, "connected_at": at})
+    };
+    let disconnected = |client: &str, at: i64, until: i64| {
+        json!({"event": "client.disconnected", "clientid": client, "username": "fixture/dev1", "peername": "10.0.0.9:1",
+            "reason": "normal", "connected_at": at, "disconnected_at": until})
+    };
+    let events = json!([
+        connected("c1", t0),                        // its disconnect never arrives
+        connected("c1", t0 + 1_000),                // supersedes it...
+        disconnected("c1", t0 + 1_000, t0 + 2_000), // ...and ends
+    ]);
+    assert_eq!(post(&hub, "emqx5/events", events.to_string().into_bytes()).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(device(&hub).await["online"], false);
+    let later = json!([connected("c2", t0 + 2 * day), disconnected("c2", t0 + 2 * day, t0 + 2 * day + 1_000)]);
+    assert_eq!(post(&hub, "emqx5/events", later.to_string().into_bytes()).await.0, StatusCode::NO_CONTENT);
+    let d = device(&hub).await;
+    assert_eq!(d["online"], false, "{d}");
+    let clients: Vec<&str> =
+        d["connections"].as_array().unwrap().iter().map(|c| c["client_id"].as_str().unwrap()).collect();
+    assert_eq!(clients, ["c2"], "both day-old c1 sessions pruned: {d}");
+    hub.stop().await;
+}
+both_backends!(superseded_sessions_are_pruned, pruning_never_resurrects_a_superseded_session);
