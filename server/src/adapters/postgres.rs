@@ -545,7 +545,7 @@ impl PgStore {
         // transaction added, and neither concurrent groups nor a device deletion can deadlock with us (the
         // deletion waits). Devices that no longer exist are skipped. Then prune once per device, relative to
         // its oldest connect in the group (broker time).
-        let mut present: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+        let mut locked: Vec<(String, String)> = Vec::new();
         let mut oldest_connect: std::collections::BTreeMap<(&str, &str), i64> = std::collections::BTreeMap::new();
         if !batch.presence.is_empty() || !batch.reports.is_empty() {
             let mut devices: std::collections::BTreeSet<(&str, &str)> = std::collections::BTreeSet::new();
@@ -561,7 +561,7 @@ impl PgStore {
                     *slot = (*slot).min(*connected_at);
                 }
             }
-            let locked: Vec<(String, String)> = sqlx::query_as(
+            locked = sqlx::query_as(
                 "SELECT d.product_id, d.device_id FROM devices d
                  JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS u(p, i) ON d.product_id = u.p AND d.device_id = u.i
                  ORDER BY d.product_id, d.device_id
@@ -571,9 +571,10 @@ impl PgStore {
             .bind(devices.iter().map(|k| k.1).collect::<Vec<_>>())
             .fetch_all(&mut *tx)
             .await?;
-            present.extend(locked);
         }
-        let is_present = |d: &DeviceRef| present.contains(&(d.product.to_string(), d.device.to_string()));
+        let present: std::collections::HashSet<(&str, &str)> =
+            locked.iter().map(|(p, d)| (p.as_str(), d.as_str())).collect();
+        let is_present = |d: &DeviceRef| present.contains(&(d.product.as_str(), d.device.as_str()));
 
         let r: Vec<&NewReport> = batch.reports.iter().filter(|x| is_present(&x.device)).collect();
         if !r.is_empty() {

@@ -86,6 +86,12 @@ enum Work {
     Skip(&'static str),
 }
 
+/// Work that is claimed by its dedup key before it is stored.
+enum Keyed {
+    Message(NewMessage),
+    Report(NewReport, crate::ports::event_bus::BusEvent),
+}
+
 fn device_of(username: Option<&str>) -> Option<DeviceRef> {
     username.and_then(DeviceRef::from_broker_username)
 }
@@ -315,7 +321,7 @@ impl Worker {
         let now = now_ms();
         metrics::histogram!("iothub_ingest_batch_events").record(events.len() as f64);
 
-        let mut keyed: Vec<(String, Work)> = Vec::new();
+        let mut keyed: Vec<(String, Keyed)> = Vec::new();
         let mut presence = Vec::new();
         let mut seen_keys = std::collections::HashSet::new();
         for event in events {
@@ -325,13 +331,16 @@ impl Worker {
                     presence.push(change);
                 }
                 Work::Skip(why) => count("publish", why),
-                work @ (Work::Message { .. } | Work::Report { .. }) => {
-                    let key = match &work {
-                        Work::Message { key, .. } | Work::Report { key, .. } => key.clone(),
-                        _ => unreachable!(),
-                    };
+                Work::Message { key, message } => {
                     if seen_keys.insert(key.clone()) {
-                        keyed.push((key, work));
+                        keyed.push((key, Keyed::Message(message)));
+                    } else {
+                        count("publish", "duplicate");
+                    }
+                }
+                Work::Report { key, report, event } => {
+                    if seen_keys.insert(key.clone()) {
+                        keyed.push((key, Keyed::Report(report, event)));
                     } else {
                         count("publish", "duplicate");
                     }
@@ -360,8 +369,8 @@ impl Worker {
             }
             claimed.push(key);
             match work {
-                Work::Message { message, .. } => batch.messages.push(message),
-                Work::Report { report, event, .. } => {
+                Keyed::Message(message) => batch.messages.push(message),
+                Keyed::Report(report, event) => {
                     batch.events.push(event);
                     // One row per (device, kind) per statement: keep the newest; equal times, the later one.
                     let slot = (report.device.clone(), report.kind.as_str());
@@ -374,7 +383,6 @@ impl Worker {
                         }
                     }
                 }
-                _ => unreachable!("only keyed work here"),
             }
         }
         // Rows are locked in one global order (device), so concurrent batches never deadlock each other.
@@ -404,6 +412,7 @@ impl Worker {
                 counter("iothub_ingest_messages_stored_total", outcome.messages_stored);
                 counter("iothub_ingest_messages_duplicate_total", outcome.messages_duplicate);
                 counter("iothub_ingest_presence_applied_total", outcome.presence_applied);
+                counter("iothub_ingest_reports_applied_total", outcome.reports_applied);
                 self.relay.hand_off(outcome.outbox);
                 metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
                 Ok(())
