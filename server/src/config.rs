@@ -26,6 +26,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub rabbitmq: RabbitMqConfig,
     pub events: EventsConfig,
+    pub commands: CommandsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -170,6 +171,21 @@ pub struct EventsConfig {
     pub stream_buffer: usize,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// How often each instance expires commands past their TTL and sends what is due (ms).
+    pub sweep_ms: u64,
+    /// How long a command being published is protected from other instances' dispatchers (ms).
+    pub dispatch_lease_ms: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self { sweep_ms: 1_000, dispatch_lease_ms: 30_000 }
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self { url: String::new(), key_prefix: "iothub:".into() }
@@ -208,6 +224,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             rabbitmq: RabbitMqConfig::default(),
             events: EventsConfig::default(),
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -310,6 +327,14 @@ impl Config {
         anyhow::ensure!(self.events.dedup_window_secs >= 1, "events.dedup_window_secs must be at least 1");
         anyhow::ensure!(self.events.outbox_lease_ms >= 100, "events.outbox_lease_ms must be at least 100");
         anyhow::ensure!(self.events.outbox_sweep_ms >= 10, "events.outbox_sweep_ms must be at least 10");
+        anyhow::ensure!(
+            (10..=60_000).contains(&self.commands.sweep_ms),
+            "commands.sweep_ms must be between 10 and 60000"
+        );
+        anyhow::ensure!(
+            self.commands.dispatch_lease_ms >= 2 * self.broker.api_timeout_ms,
+            "commands.dispatch_lease_ms must be at least twice broker.api_timeout_ms (a publish must finish within its lease)"
+        );
         anyhow::ensure!(
             (1..=30 * 86_400).contains(&self.auth.jwt_max_ttl_secs),
             "auth.jwt_max_ttl_secs must be between 1 and 2592000"

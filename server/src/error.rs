@@ -26,6 +26,9 @@ pub enum Error {
     MethodNotAllowed(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Waited for something outside iothub (a device's reply) longer than allowed.
+    #[error("{0}")]
+    Timeout(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -48,6 +51,7 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -61,6 +65,7 @@ impl Error {
             Error::Forbidden(_) => "forbidden",
             Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::Unavailable(_) => "unavailable",
+            Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }
     }

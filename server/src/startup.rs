@@ -18,27 +18,37 @@ use crate::adapters::broker_http::HttpBroker;
 use crate::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
 use crate::adapters::memory_bus::MemoryBus;
 use crate::adapters::memory_dedup::MemoryDedup;
+use crate::adapters::memory_replies::MemoryReplies;
 use crate::adapters::postgres::PgStore;
 use crate::adapters::rabbitmq::RabbitBus;
 use crate::adapters::redis_dedup::RedisDedup;
+use crate::adapters::redis_replies::RedisReplies;
 use crate::adapters::sqlite::SqliteStore;
 use crate::api::{self, AppState, SharedState};
 use crate::config::{BrokerKind, Config};
 use crate::domain::access::AccessService;
 use crate::domain::api_keys::{ApiKeyService, Scope};
+use crate::domain::commands::{CommandService, CommandSettings};
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::{IngestService, IngestSettings, IN_FLIGHT_TTL};
 use crate::domain::registry::RegistryService;
 use crate::domain::relay::{self, RelaySettings};
 use crate::ports::broker::BrokerApi;
+use crate::ports::commands::CommandStore;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
+use crate::ports::replies::ReplyHub;
 use crate::ports::store::Store;
 use crate::secrets::random_token;
 use crate::telemetry;
 
 /// Opens the configured store (PostgreSQL or SQLite, by URL scheme), optionally migrating it.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(open_stores(config, migrate).await?.0)
+}
+
+/// The store and the command log, which live in the same database.
+pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn CommandStore>)> {
     let url = config.database_url();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store =
@@ -46,13 +56,15 @@ pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dy
         if migrate {
             store.migrate().await.context("migrating PostgreSQL")?;
         }
-        Ok(Arc::new(store))
+        let store = Arc::new(store);
+        Ok((store.clone(), store))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(&url, config.database.max_connections).await.context("opening SQLite")?;
         if migrate {
             store.migrate().await.context("migrating SQLite")?;
         }
-        Ok(Arc::new(store))
+        let store = Arc::new(store);
+        Ok((store.clone(), store))
     } else {
         anyhow::bail!("database.url must start with postgres://, postgresql:// or sqlite:")
     }
@@ -121,7 +133,7 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let store = open_store(&config, config.database.migrate_on_start).await?;
+        let (store, command_log) = open_stores(&config, config.database.migrate_on_start).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
             persisted_secret(&config.data_dir.join("jwt-secret"))?
@@ -135,7 +147,8 @@ impl Application {
         let (broker, embedded): (Arc<dyn BrokerApi>, Option<EmbeddedBroker>) = match config.broker.kind {
             BrokerKind::Embedded => {
                 let hooks_url = config.http.public_url.clone().unwrap_or_else(|| loopback_url(http_addr));
-                let api_token = random_token();
+                let api_token =
+                    if config.broker.api_key.is_empty() { random_token() } else { config.broker.api_key.clone() };
                 let embedded = EmbeddedBroker::start(EmbeddedBrokerSettings {
                     mqtt_listen: config.broker.embedded.mqtt_listen,
                     api_listen: config.broker.embedded.api_listen,
@@ -207,10 +220,32 @@ impl Application {
             bus.clone(),
             RelaySettings { lease_ms, sweep_every: Duration::from_millis(config.events.outbox_sweep_ms) },
         );
+        let replies: Arc<dyn ReplyHub> = if config.redis.url.is_empty() {
+            Arc::new(MemoryReplies::default())
+        } else {
+            Arc::new(
+                RedisReplies::connect(&config.redis.url, &config.redis.key_prefix)
+                    .await
+                    .context("subscribing to RPC replies on Redis")?,
+            )
+        };
+        let commands = CommandService::start(
+            store.clone(),
+            command_log,
+            broker.clone(),
+            replies,
+            relay.clone(),
+            CommandSettings {
+                outbox_lease_ms: lease_ms,
+                dispatch_lease_ms: config.commands.dispatch_lease_ms as i64,
+                sweep_every: Duration::from_millis(config.commands.sweep_ms),
+            },
+        );
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
             relay,
+            commands.clone(),
             IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
         );
 
@@ -222,6 +257,7 @@ impl Application {
             access,
             api_keys,
             ingest,
+            commands,
             dedup,
             bus,
             hook_token,

@@ -336,10 +336,98 @@ impl<'a> Upstream<'a> {
 pub const UPSTREAM_FILTERS: &[&str] =
     &["upload_data/#", "update_status/#", "update_ota_status/#", "cmd_resp/#", "rpc_resp/#", "get/#"];
 
+/// Filters for the broker's delivery event rules (`message.delivered` / `message.acked`): the topics
+/// iothub publishes commands on.
+pub const DOWNSTREAM_FILTERS: &[&str] = &["cmd/#", "rpc/#"];
+
+/// Server-side subscriptions every device gets on connect (EMQX `auto_subscribe`, RMQTT
+/// auto-subscription), with the broker's `${username}` placeholder (`{product}/{device}`). As with the
+/// reference IotHub, devices receive commands, RPCs and M2M messages without subscribing themselves.
+pub const AUTO_SUBSCRIPTIONS: &[&str] = &["cmd/${username}/+/+/+/#", "rpc/${username}/+/+/+/#", "m2m/${username}/+/+"];
+
+/// The topic a command goes out on: `{mode}/{p}/{d}/{name}/{encoding}/{requestId}[/{expiresAt}]`, where
+/// `mode` is `cmd` or `rpc` and `expiresAt` is in Unix seconds (what devices of the reference IotHub
+/// compare against their clock).
+pub fn command_topic(
+    mode: &str,
+    product: &str,
+    device: &str,
+    name: &str,
+    encoding: &str,
+    request_id: &str,
+    expires_at_ms: Option<i64>,
+) -> String {
+    let mut topic = format!("{mode}/{product}/{device}/{name}/{encoding}/{request_id}");
+    if let Some(ms) = expires_at_ms {
+        // Rounded up: a device must never drop a command before its TTL.
+        topic.push_str(&format!("/{}", (ms + 999).div_euclid(1000)));
+    }
+    topic
+}
+
+/// A command topic as the broker reports its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Downstream<'a> {
+    pub mode: &'a str,
+    pub product: &'a str,
+    pub device: &'a str,
+    pub name: &'a str,
+    pub request_id: &'a str,
+}
+
+/// Parses a command topic (see [`command_topic`]); `None` for anything else.
+pub fn parse_downstream(topic: &str) -> Option<Downstream<'_>> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    if !(levels.len() == 6 || levels.len() == 7) || !matches!(levels[0], "cmd" | "rpc") {
+        return None;
+    }
+    let valid = crate::ids::validate_id(levels[1]).is_ok()
+        && crate::ids::validate_id(levels[2]).is_ok()
+        && is_name(levels[3])
+        && matches!(levels[4], "plain" | "base64")
+        && is_message_id(levels[5])
+        && levels.get(6).is_none_or(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+    valid.then_some(Downstream {
+        mode: levels[0],
+        product: levels[1],
+        device: levels[2],
+        name: levels[3],
+        request_id: levels[5],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn command_topics_round_trip_and_reach_the_device() {
+        let t = command_topic("cmd", "p", "d", "reboot", "plain", "r1", Some(1_700_000_000_001));
+        assert_eq!(t, "cmd/p/d/reboot/plain/r1/1700000001");
+        assert_eq!(
+            parse_downstream(&t),
+            Some(Downstream { mode: "cmd", product: "p", device: "d", name: "reboot", request_id: "r1" })
+        );
+        let rpc = command_topic("rpc", "p", "d", "$set_ntp", "plain", "r2", None);
+        assert_eq!(rpc, "rpc/p/d/$set_ntp/plain/r2");
+        assert_eq!(parse_downstream(&rpc).unwrap().mode, "rpc");
+        for bad in [
+            "cmd/p/d/x/hex/r1",
+            "cmd/p/d/x/plain",
+            "cmd/p/d/x/plain/r1/soon",
+            "up/p/d/x/plain/r1",
+            "cmd/p/d/x/plain/r1/",
+        ] {
+            assert_eq!(parse_downstream(bad), None, "{bad}");
+        }
+        // Every command topic is covered by the device's subscription grant and its auto-subscription.
+        for topic in [&t, &rpc] {
+            let auto = AUTO_SUBSCRIPTIONS.iter().map(|f| f.replace("${username}", "p/d")).collect::<Vec<_>>();
+            assert!(auto.iter().any(|f| filter_permits(f, Action::Publish, topic)), "{topic}");
+            assert!(auto.iter().all(|f| device_may("p", "d", Action::Subscribe, f)), "{auto:?}");
+        }
+    }
 
     #[test]
     fn upstream_topics_parse_strictly() {
@@ -390,6 +478,28 @@ mod tests {
                 .unwrap_or_else(|| panic!("{file}: no upstream rule"));
             let topics: Vec<&str> = line.split(['"', '\\']).filter(|t| t.ends_with("/#") && !t.contains(' ')).collect();
             assert_eq!(topics, UPSTREAM_FILTERS, "{file}");
+        }
+    }
+
+    /// The broker configs report deliveries of exactly the command topics, and subscribe devices to
+    /// exactly the auto-subscriptions.
+    #[test]
+    fn broker_configs_track_commands_and_auto_subscribe() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/");
+        for file in ["emqx-http.hocon", "emqx-postgresql.hocon"] {
+            let text = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
+            let line = text.lines().find(|l| l.contains("$events/message_acked")).unwrap();
+            let filters: Vec<&str> = line.split('\'').filter(|t| t.ends_with("/#")).collect();
+            assert_eq!(filters, DOWNSTREAM_FILTERS, "{file}");
+            let auto: Vec<&str> =
+                text.lines().filter(|l| l.contains("{ topic = \"")).map(|l| l.split('"').nth(1).unwrap()).collect();
+            assert_eq!(auto, AUTO_SUBSCRIPTIONS, "{file}");
+        }
+        let rmqtt = std::fs::read_to_string(format!("{dir}rmqtt-web-hook.toml")).unwrap();
+        for rule in ["rule.message_delivered", "rule.message_acked"] {
+            let line = rmqtt.lines().find(|l| l.starts_with(rule)).unwrap();
+            let filters: Vec<&str> = line.split('"').filter(|t| t.ends_with("/#")).collect();
+            assert_eq!(filters, DOWNSTREAM_FILTERS, "{rule}");
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `rmqtt-acl` holds a single `["deny", "all"]` rule, so whatever the hooks do not allow (including
 //!   "ignore" answers, non-2xx statuses and transport errors) is refused: fail-closed;
 //! - `rmqtt-http-api` (loopback, bearer token) is what iothub's broker adapter publishes and kicks through;
-//! - `rmqtt-web-hook` carries broker events to iothub; `rmqtt-retainer` keeps retained messages in memory.
+//! - `rmqtt-web-hook` carries broker events to iothub; `rmqtt-retainer` keeps retained messages in memory;
+//! - `rmqtt-auto-subscription` subscribes each device to its command, RPC and M2M topics on connect.
 //!
 //! RMQTT has no stop API (its server loop and several plugins run forever), so each broker gets its own
 //! tokio runtime and everything RMQTT spawns lives there; [`EmbeddedBroker::stop`] closes the listener,
@@ -83,12 +84,23 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
     // web-hook cannot send headers: the token rides as URL userinfo, which becomes Basic auth on the wire.
     // Publishes are forwarded only for the upstream topics iothub consumes (topics::UPSTREAM_FILTERS).
     let publish_topics = crate::topics::UPSTREAM_FILTERS.iter().map(|t| toml_str(t)).collect::<Vec<_>>().join(", ");
+    // Deliveries are reported for command topics only (the command log tracks them).
+    let command_topics = crate::topics::DOWNSTREAM_FILTERS.iter().map(|t| toml_str(t)).collect::<Vec<_>>().join(", ");
     let web_hook = format!(
         "queue_capacity = 100000\nconcurrency_limit = 64\nhttp_timeout = \"5s\"\nretry_max_elapsed_time = \"60s\"\nretry_multiplier = 2.5\nurls = [{}]\n\
          rule.client_connected = [{{ action = \"client_connected\" }}]\n\
          rule.client_disconnected = [{{ action = \"client_disconnected\" }}]\n\
-         rule.message_publish = [{{ action = \"message_publish\", topics = [{publish_topics}] }}]\n",
+         rule.message_publish = [{{ action = \"message_publish\", topics = [{publish_topics}] }}]\n\
+         rule.message_delivered = [{{ action = \"message_delivered\", topics = [{command_topics}] }}]\n\
+         rule.message_acked = [{{ action = \"message_acked\", topics = [{command_topics}] }}]\n",
         toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/webhook", Some(&s.hook_token))?.as_str())
+    );
+    let auto_subscription = format!(
+        "subscribes = [\n{}]\n",
+        crate::topics::AUTO_SUBSCRIPTIONS
+            .iter()
+            .map(|t| format!("  {{ topic_filter = {}, qos = 1 }},\n", toml_str(t)))
+            .collect::<String>()
     );
     let http_api = format!(
         "http_laddr = {}\nhttp_reuseaddr = true\nmessage_expiry_interval = \"5m\"\nhttp_bearer_token = {}\n",
@@ -102,6 +114,7 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
         ("rmqtt-web-hook", web_hook),
         ("rmqtt-http-api", http_api),
         ("rmqtt-retainer", retainer),
+        ("rmqtt-auto-subscription", auto_subscription),
     ])
 }
 
@@ -138,6 +151,7 @@ impl EmbeddedBroker {
             rmqtt_auth_http::register(&scx, true, false).await.context("rmqtt-auth-http")?;
             rmqtt_web_hook::register(&scx, true, false).await.context("rmqtt-web-hook")?;
             rmqtt_http_api::register(&scx, true, false).await.context("rmqtt-http-api")?;
+            rmqtt_auto_subscription::register(&scx, true, false).await.context("rmqtt-auto-subscription")?;
             let listener = Builder::new()
                 .name("external/tcp")
                 .laddr(mqtt_listen)
@@ -227,6 +241,17 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/rmqtt-web-hook.toml"))
                 .unwrap();
         assert_eq!(rules(web_hook), rules(&published));
-        assert_eq!(rules(web_hook).len(), 3);
+        assert_eq!(rules(web_hook).len(), 5);
+        let (_, auto) = configs.iter().find(|(name, _)| *name == "rmqtt-auto-subscription").unwrap();
+        let published = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../emqx-config/rmqtt-auto-subscription.toml"
+        ))
+        .unwrap();
+        let entries = |text: &str| {
+            text.lines().filter(|l| l.contains("topic_filter")).map(|l| l.trim().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(entries(auto), entries(&published));
+        assert_eq!(entries(auto).len(), crate::topics::AUTO_SUBSCRIPTIONS.len());
     }
 }

@@ -1,18 +1,23 @@
 //! Adapters: concrete implementations of the ports, chosen by configuration in `startup`.
 //!
-//! - `postgres` / `sqlite`: the [`Store`](crate::ports::store::Store) for production and embedded profiles.
+//! - `postgres` / `sqlite`: the [`Store`](crate::ports::store::Store) for production and embedded profiles;
+//!   `command_log`: the [`CommandStore`](crate::ports::commands::CommandStore) on the same two databases.
 //! - `broker_http`: the [`BrokerApi`](crate::ports::broker::BrokerApi) over EMQX 5 or EMQX 4 / RMQTT REST.
 //! - `embedded_broker`: RMQTT running inside this process, wired to this instance's hooks.
 //! - `redis_dedup` / `memory_dedup`: the [`Deduplicator`](crate::ports::dedup::Deduplicator).
 //! - `rabbitmq` / `memory_bus`: the [`EventBus`](crate::ports::event_bus::EventBus).
+//! - `redis_replies` / `memory_replies`: the [`ReplyHub`](crate::ports::replies::ReplyHub) RPC callers wait on.
 
 pub mod broker_http;
+pub mod command_log;
 pub mod embedded_broker;
 pub mod memory_bus;
 pub mod memory_dedup;
+pub mod memory_replies;
 pub mod postgres;
 pub mod rabbitmq;
 pub mod redis_dedup;
+pub mod redis_replies;
 pub mod sqlite;
 
 use crate::error::Error;

@@ -54,6 +54,14 @@ impl SqliteStore {
         MIGRATOR.run(&self.writer).await?;
         Ok(())
     }
+
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    pub(crate) fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
 }
 
 super::row_mappers!(SqliteRow);

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod broker_events;
 pub mod broker_hooks;
+pub mod commands;
 pub mod devices;
 pub mod extract;
 pub mod health;
@@ -31,6 +32,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::domain::access::AccessService;
 use crate::domain::api_keys::ApiKeyService;
+use crate::domain::commands::CommandService;
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::IngestService;
 use crate::domain::registry::RegistryService;
@@ -47,6 +49,7 @@ pub struct AppState {
     pub api_keys: ApiKeyService,
     pub history: HistoryService,
     pub ingest: IngestService,
+    pub commands: CommandService,
     pub dedup: Arc<dyn Deduplicator>,
     pub bus: Arc<dyn EventBus>,
     pub hook_token: String,
@@ -70,6 +73,9 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/products/{product_id}/devices/{device_id}/messages", get(telemetry::list_messages))
         .route("/products/{product_id}/devices/{device_id}/messages/{message_id}", get(telemetry::get_message))
         .route("/products/{product_id}/devices/{device_id}/status", get(telemetry::get_status))
+        .route("/products/{product_id}/devices/{device_id}/commands", post(commands::send).get(commands::list))
+        .route("/products/{product_id}/devices/{device_id}/commands/{request_id}", get(commands::get))
+        .route("/products/{product_id}/devices/{device_id}/rpc", post(commands::rpc))
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/api-keys/{key_id}", delete(api_keys::revoke))

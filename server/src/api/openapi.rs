@@ -4,14 +4,14 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{api_keys, devices, products, telemetry, tokens};
+use super::{api_keys, commands, devices, products, telemetry, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "iothub API",
         description = "Business API of iothub: products, devices, credentials, API keys, MQTT tokens, device \
-            data history, status and the live event stream. Every call needs `Authorization: Bearer <API key>`; \
+            data history, status, the live event stream, and commands and RPC to devices. Every call needs `Authorization: Bearer <API key>`; \
             errors are RFC 9457 problem+json documents whose `field` names the invalid input. Northbound \
             RabbitMQ event schemas: docs/events.md.",
         license(name = "Apache-2.0")
@@ -23,11 +23,13 @@ use super::{api_keys, devices, products, telemetry, tokens};
         api_keys::create, api_keys::list, api_keys::revoke,
         tokens::issue,
         telemetry::list_messages, telemetry::get_message, telemetry::get_status, telemetry::stream,
+        commands::send, commands::rpc, commands::get, commands::list,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),
     tags(
         (name = "products"), (name = "devices"), (name = "api-keys"), (name = "tokens"), (name = "telemetry"),
+        (name = "commands"),
     )
 )]
 pub struct ApiDoc;

@@ -10,6 +10,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::ids::DeviceRef;
+use crate::ports::commands::CommandRecord;
 use crate::ports::event_bus::BusEvent;
 
 /// Namespace of the name-based (v5) event ids.
@@ -23,11 +24,21 @@ pub enum EventKind {
     UpdateStatus,
     DeviceConnection,
     OtaProgress,
+    CommandState,
+    CmdResp,
+    DataRequest,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] =
-        [EventKind::UploadData, EventKind::UpdateStatus, EventKind::DeviceConnection, EventKind::OtaProgress];
+    pub const ALL: [EventKind; 7] = [
+        EventKind::UploadData,
+        EventKind::UpdateStatus,
+        EventKind::DeviceConnection,
+        EventKind::OtaProgress,
+        EventKind::CommandState,
+        EventKind::CmdResp,
+        EventKind::DataRequest,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,6 +46,9 @@ impl EventKind {
             EventKind::UpdateStatus => "update_status",
             EventKind::DeviceConnection => "device_connection",
             EventKind::OtaProgress => "ota_progress",
+            EventKind::CommandState => "command_state",
+            EventKind::CmdResp => "cmd_resp",
+            EventKind::DataRequest => "data_request",
         }
     }
 
@@ -173,6 +187,136 @@ impl ConnectionEvent {
     }
 }
 
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `iothub.events.command_state`: a command moved to a new state (or was sent again).
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct CommandStateEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub request_id: String,
+    pub command: String,
+    /// `cmd` or `rpc`.
+    pub mode: String,
+    /// `queued`, `sent`, `delivered`, `replied`, `expired` or `failed`.
+    pub state: String,
+    /// How many times it was published so far.
+    pub attempts: i32,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub sent_at: Option<i64>,
+    pub delivered_at: Option<i64>,
+    pub replied_at: Option<i64>,
+    pub expired_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    pub failure: Option<String>,
+}
+
+pub fn command_state(c: &CommandRecord) -> BusEvent {
+    let attempts = c.attempts.to_string();
+    let id = event_id(&[
+        "command_state",
+        c.device.product.as_str(),
+        c.device.device.as_str(),
+        &c.request_id,
+        c.state.as_str(),
+        &attempts,
+    ]);
+    let body = CommandStateEvent {
+        event_id: id.clone(),
+        product_id: c.device.product.to_string(),
+        device_id: c.device.device.to_string(),
+        request_id: c.request_id.clone(),
+        command: c.name.clone(),
+        mode: c.mode.as_str().into(),
+        state: c.state.as_str().into(),
+        attempts: c.attempts,
+        created_at: c.created_at,
+        expires_at: c.expires_at,
+        sent_at: c.sent_at,
+        delivered_at: c.delivered_at,
+        replied_at: c.replied_at,
+        expired_at: c.expired_at,
+        failed_at: c.failed_at,
+        failure: c.failure.clone(),
+    };
+    bus_event(EventKind::CommandState, &c.device, id, &body)
+}
+
+/// `iothub.events.cmd_resp`: the device's reply to a command (both modes), attached to it in the log.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct CmdRespEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub request_id: String,
+    pub command: String,
+    pub mode: String,
+    pub message_id: String,
+    pub payload: String,
+    pub encoding: String,
+    /// When the broker received the reply.
+    pub replied_at: i64,
+}
+
+pub fn cmd_resp(c: &CommandRecord, message_id: &str, payload: &[u8], replied_at: i64) -> BusEvent {
+    let id = event_id(&["cmd_resp", c.device.product.as_str(), c.device.device.as_str(), &c.request_id]);
+    let body = CmdRespEvent {
+        event_id: id.clone(),
+        product_id: c.device.product.to_string(),
+        device_id: c.device.device.to_string(),
+        request_id: c.request_id.clone(),
+        command: c.name.clone(),
+        mode: c.mode.as_str().into(),
+        message_id: message_id.into(),
+        payload: b64(payload),
+        encoding: "base64".into(),
+        replied_at,
+    };
+    bus_event(EventKind::CmdResp, &c.device, id, &body)
+}
+
+/// `iothub.events.data_request`: a device asks business systems for a resource (`get/...`); they answer
+/// with a normal command.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct DataRequestEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    pub resource: String,
+    pub message_id: String,
+    pub payload: String,
+    pub encoding: String,
+    pub sent_at: i64,
+    pub received_at: i64,
+}
+
+pub fn data_request(
+    device: &DeviceRef,
+    resource: &str,
+    message_id: &str,
+    payload: &[u8],
+    sent_at: i64,
+    received_at: i64,
+) -> BusEvent {
+    let id = event_id(&["data_request", device.product.as_str(), device.device.as_str(), message_id]);
+    let body = DataRequestEvent {
+        event_id: id.clone(),
+        product_id: device.product.to_string(),
+        device_id: device.device.to_string(),
+        resource: resource.into(),
+        message_id: message_id.into(),
+        payload: b64(payload),
+        encoding: "base64".into(),
+        sent_at,
+        received_at,
+    };
+    bus_event(EventKind::DataRequest, device, id, &body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +340,35 @@ mod tests {
             ConnectionEvent::id_for(&dev(), "c", "a10.0.0.1:5000", "connected", 1),
             ConnectionEvent::id_for(&dev(), "c", "a10.0.0.1:5000", "connected", 2)
         );
+    }
+
+    fn sample_command() -> CommandRecord {
+        use crate::ports::commands::*;
+        CommandRecord {
+            device: dev(),
+            request_id: "r".into(),
+            mode: CommandMode::Cmd,
+            name: "reboot".into(),
+            format: PayloadFormat::Plain,
+            payload: vec![],
+            qos: 1,
+            idempotency_key: None,
+            state: CommandState::Sent,
+            created_at: 1,
+            expires_at: None,
+            sent_at: Some(2),
+            delivered_at: None,
+            replied_at: None,
+            expired_at: None,
+            failed_at: None,
+            failure: None,
+            attempts: 1,
+            max_attempts: 1,
+            retry_interval_ms: None,
+            next_attempt_at: None,
+            reply: None,
+            reply_message_id: None,
+        }
     }
 
     /// The documented examples in docs/events.md carry exactly the fields the code emits.
@@ -228,6 +401,9 @@ mod tests {
                 node: None,
             })
             .unwrap(),
+            serde_json::from_slice(&command_state(&sample_command()).body).unwrap(),
+            serde_json::from_slice(&cmd_resp(&sample_command(), "m", b"ok", 1).body).unwrap(),
+            serde_json::from_slice(&data_request(&dev(), "weather", "m", b"{}", 1, 2).body).unwrap(),
         ];
         let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         for shape in &emitted {

@@ -15,13 +15,16 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::adapters::storable_json;
 use crate::clock::now_ms;
+use crate::domain::commands::CommandService;
 use crate::domain::events::{self, EventKind};
 use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
+use crate::ports::commands::{CommandChange, CommandMode, Transition};
 use crate::ports::dedup::{Claim, Deduplicator};
+use crate::ports::event_bus::BusEvent;
 use crate::ports::store::{IngestBatch, NewMessage, NewReport, PresenceChange, ReportKind, Store};
-use crate::topics::{is_internal_name, parse_upstream, Upstream};
+use crate::topics::{is_internal_name, parse_downstream, parse_upstream, Upstream};
 
 /// A broker event, normalised across EMQX 5, EMQX 4 and RMQTT.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,14 +85,34 @@ enum Work {
         event: crate::ports::event_bus::BusEvent,
     },
     Presence(PresenceChange),
+    /// A device's data request for business systems: only an event.
+    Request {
+        key: String,
+        event: BusEvent,
+    },
+    /// A delivery report or reply for the command log.
+    Feedback(CommandChange),
+    /// A request iothub answers itself (`get/.../$ntp/...`).
+    Internal(InternalRequest),
     /// Nothing to store; the label says why (metrics).
     Skip(&'static str),
+}
+
+/// A `$` resource a device asked iothub for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InternalRequest {
+    pub device: DeviceRef,
+    pub resource: String,
+    pub payload: Vec<u8>,
+    /// When the broker received the request.
+    pub received_at: i64,
 }
 
 /// Work that is claimed by its dedup key before it is stored.
 enum Keyed {
     Message(NewMessage),
-    Report(NewReport, crate::ports::event_bus::BusEvent),
+    Report(NewReport, BusEvent),
+    Event(BusEvent),
 }
 
 fn device_of(username: Option<&str>) -> Option<DeviceRef> {
@@ -147,7 +170,21 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
         BrokerEvent::Publish { client_id, username, topic, payload, received_at, .. } => {
             classify_publish(&client_id, username.as_deref(), &topic, payload, received_at, now)
         }
-        BrokerEvent::Delivery { .. } => Work::Skip("delivery"),
+        BrokerEvent::Delivery { stage: DeliveryStage::Dropped, .. } => Work::Skip("dropped"),
+        BrokerEvent::Delivery { topic, at, .. } => match parse_downstream(&topic) {
+            Some(down) => {
+                match (crate::ids::ProductId::parse(down.product), crate::ids::DeviceId::parse(down.device)) {
+                    (Ok(product), Ok(device)) => Work::Feedback(CommandChange {
+                        device: DeviceRef::new(product, device),
+                        request_id: down.request_id.to_string(),
+                        transition: Transition::Delivered { at },
+                    }),
+                    _ => Work::Skip("delivery"),
+                }
+            }
+            // Deliveries of other topics (m2m, tags) are not tracked.
+            None => Work::Skip("delivery"),
+        },
     }
 }
 
@@ -218,8 +255,28 @@ fn classify_publish(
                 event,
             }
         }
-        // Replies, data requests and m2m belong to the command log and downstream features.
-        other => Work::Skip(other.kind()),
+        Upstream::CmdResp { request_id, message_id, .. } | Upstream::RpcResp { request_id, message_id, .. } => {
+            let mode = if matches!(upstream, Upstream::CmdResp { .. }) { CommandMode::Cmd } else { CommandMode::Rpc };
+            Work::Feedback(CommandChange {
+                device: publisher,
+                request_id: request_id.to_string(),
+                transition: Transition::Replied { at: sent_at, mode, payload, message_id: message_id.to_string() },
+            })
+        }
+        Upstream::DataRequest { resource, message_id, .. } => {
+            if is_internal_name(resource) {
+                return Work::Internal(InternalRequest {
+                    device: publisher,
+                    resource: resource.to_string(),
+                    payload,
+                    received_at: sent_at,
+                });
+            }
+            let event = events::data_request(&publisher, resource, message_id, &payload, sent_at, now);
+            Work::Request { key: key("g", message_id), event }
+        }
+        // Devices message each other directly through the broker; iothub only sees it if configured to.
+        Upstream::M2m { .. } => Work::Skip("m2m"),
     }
 }
 
@@ -245,6 +302,7 @@ struct Worker {
     store: Arc<dyn Store>,
     dedup: Arc<dyn Deduplicator>,
     relay: RelayHandle,
+    commands: CommandService,
     settings: Arc<IngestSettings>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
 }
@@ -254,6 +312,7 @@ impl IngestService {
         store: Arc<dyn Store>,
         dedup: Arc<dyn Deduplicator>,
         relay: RelayHandle,
+        commands: CommandService,
         settings: IngestSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(settings.batch_max * 4);
@@ -264,6 +323,7 @@ impl IngestService {
                 store: store.clone(),
                 dedup: dedup.clone(),
                 relay: relay.clone(),
+                commands: commands.clone(),
                 settings: settings.clone(),
                 rx: rx.clone(),
             };
@@ -323,6 +383,8 @@ impl Worker {
 
         let mut keyed: Vec<(String, Keyed)> = Vec::new();
         let mut presence = Vec::new();
+        let mut feedback = Vec::new();
+        let mut internal = Vec::new();
         let mut seen_keys = std::collections::HashSet::new();
         for event in events {
             match classify(event, now) {
@@ -330,7 +392,22 @@ impl Worker {
                     count("presence", "accepted");
                     presence.push(change);
                 }
+                Work::Feedback(change) => {
+                    count("command", "accepted");
+                    feedback.push(change);
+                }
+                Work::Internal(request) => {
+                    count("publish", "internal");
+                    internal.push(request);
+                }
                 Work::Skip(why) => count("publish", why),
+                Work::Request { key, event } => {
+                    if seen_keys.insert(key.clone()) {
+                        keyed.push((key, Keyed::Event(event)));
+                    } else {
+                        count("publish", "duplicate");
+                    }
+                }
                 Work::Message { key, message } => {
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Message(message)));
@@ -370,6 +447,7 @@ impl Worker {
             claimed.push(key);
             match work {
                 Keyed::Message(message) => batch.messages.push(message),
+                Keyed::Event(event) => batch.events.push(event),
                 Keyed::Report(report, event) => {
                     batch.events.push(event);
                     // One row per (device, kind) per statement: keep the newest; equal times, the later one.
@@ -398,11 +476,30 @@ impl Worker {
             let (a, b) = (a.device(), b.device());
             (a.product.as_str(), a.device.as_str()).cmp(&(b.product.as_str(), b.device.as_str()))
         });
+        let connected: Vec<DeviceRef> = presence
+            .iter()
+            .filter(|c| matches!(c, PresenceChange::Connected { .. }))
+            .map(|c| c.device().clone())
+            .collect();
         batch.presence = presence;
-        if batch.is_empty() {
-            return Ok(());
+        if !batch.is_empty() {
+            self.store_batch(batch, claimed, now).await?;
         }
+        // Replies and delivery reports are idempotent by themselves (a state only moves forward), so they
+        // need no dedup claims; a failure answers 503 and the broker's retry applies them again.
+        if !feedback.is_empty() {
+            self.commands.apply_feedback(&feedback).await?;
+        }
+        self.commands.devices_connected(connected);
+        for request in internal {
+            let commands = self.commands.clone();
+            tokio::spawn(async move { answer_internal(&commands, request).await });
+        }
+        metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
 
+    async fn store_batch(&self, batch: IngestBatch, claimed: Vec<String>, now: i64) -> Result<()> {
         match self.store.ingest(&batch, now, self.settings.lease_ms).await {
             Ok(outcome) => {
                 if let Err(e) = self.dedup.complete(&claimed).await {
@@ -414,7 +511,6 @@ impl Worker {
                 counter("iothub_ingest_presence_applied_total", outcome.presence_applied);
                 counter("iothub_ingest_reports_applied_total", outcome.reports_applied);
                 self.relay.hand_off(outcome.outbox);
-                metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Err(e) => {
@@ -428,6 +524,41 @@ impl Worker {
             }
         }
     }
+}
+
+/// Answers a `$` request. `$ntp`: `$set_ntp` echoing the device's `device_time` with iothub's receive time
+/// (the broker's timestamp) and send time, all in milliseconds, so the device computes its clock offset as
+/// `((iothub_recv - device_time) + (iothub_send - device_recv)) / 2` to the millisecond.
+async fn answer_internal(commands: &CommandService, request: InternalRequest) {
+    let InternalRequest { device, resource, payload, received_at } = request;
+    let result = match resource.as_str() {
+        "$ntp" => {
+            let Some(reply) = ntp_reply(&payload, received_at, now_ms()) else {
+                metrics::counter!("iothub_upstream_rejected_total", "reason" => "invalid_ntp").increment(1);
+                tracing::warn!(%device, "$ntp request without a numeric device_time ignored");
+                return;
+            };
+            commands.send_internal(&device, "$set_ntp", reply.to_string().into_bytes(), 0).await
+        }
+        other => {
+            metrics::counter!("iothub_upstream_rejected_total", "reason" => "unknown_internal").increment(1);
+            tracing::debug!(%device, resource = other, "internal resource not served");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(%device, %resource, error = %e, "internal request not answered");
+    }
+}
+
+/// The `$set_ntp` answer to a `$ntp` request; `None` without a numeric `device_time`.
+fn ntp_reply(request: &[u8], received_at: i64, now: i64) -> Option<serde_json::Value> {
+    let device_time = serde_json::from_slice::<serde_json::Value>(request)
+        .ok()?
+        .get("device_time")
+        .cloned()
+        .filter(serde_json::Value::is_number)?;
+    Some(serde_json::json!({ "device_time": device_time, "iothub_recv": received_at, "iothub_send": now }))
 }
 
 fn count(kind: &'static str, outcome: &'static str) {
@@ -458,6 +589,17 @@ mod tests {
     }
 
     #[test]
+    fn ntp_answers_carry_milliseconds() {
+        let reply = ntp_reply(br#"{"device_time":1700000000123}"#, 1_700_000_000_456, 1_700_000_000_789).unwrap();
+        assert_eq!(
+            reply,
+            serde_json::json!({"device_time": 1_700_000_000_123i64, "iothub_recv": 1_700_000_000_456i64, "iothub_send": 1_700_000_000_789i64})
+        );
+        assert_eq!(ntp_reply(br#"{"device_time":"soon"}"#, 1, 2), None);
+        assert_eq!(ntp_reply(b"\xff", 1, 2), None);
+    }
+
+    #[test]
     fn publishes_are_classified_by_topic_and_identity() {
         assert!(matches!(classify(publish("p/d", "upload_data/p/d/temp/m1", b"\x00\xff"), 5), Work::Message { .. }));
         assert!(matches!(classify(publish("p/d", "update_status/p/d/m1", b"{\"a\":1}"), 5), Work::Report { .. }));
@@ -483,7 +625,30 @@ mod tests {
             Work::Skip("internal")
         ));
         assert!(matches!(classify(publish("p/d", "upload_data/p/d/temp", b"1"), 5), Work::Skip("rejected")));
-        assert!(matches!(classify(publish("p/d", "get/p/d/$ntp/m1", b"{}"), 5), Work::Skip("get")));
+        assert!(matches!(classify(publish("p/d", "get/p/d/$ntp/m1", b"{}"), 5), Work::Internal(_)));
+        assert!(matches!(classify(publish("p/d", "get/p/d/weather/m1", b"{}"), 5), Work::Request { .. }));
+        assert!(matches!(classify(publish("p/d", "m2m/p/e/d/m1", b"hi"), 5), Work::Skip("m2m")));
+        match classify(publish("p/d", "rpc_resp/p/d/reboot/r1/m1", b"done"), 5) {
+            Work::Feedback(CommandChange { request_id, transition: Transition::Replied { mode, at, .. }, .. }) => {
+                assert_eq!((request_id.as_str(), mode, at), ("r1", CommandMode::Rpc, 1_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another device cannot answer for this one.
+        assert!(matches!(classify(publish("p/e", "cmd_resp/p/d/reboot/r1/m1", b"x"), 5), Work::Skip("rejected")));
+        let delivery = |stage, topic: &str| BrokerEvent::Delivery {
+            stage,
+            client_id: Some("p/d".into()),
+            topic: topic.into(),
+            at: 7,
+            reason: None,
+        };
+        assert!(matches!(
+            classify(delivery(DeliveryStage::Acked, "cmd/p/d/reboot/plain/r1/1700000000"), 5),
+            Work::Feedback(CommandChange { transition: Transition::Delivered { at: 7 }, .. })
+        ));
+        assert!(matches!(classify(delivery(DeliveryStage::Dropped, "cmd/p/d/x/plain/r1"), 5), Work::Skip("dropped")));
+        assert!(matches!(classify(delivery(DeliveryStage::Delivered, "m2m/p/d/e/m1"), 5), Work::Skip("delivery")));
         match classify(publish("p/d", "upload_data/p/d/temp/m1", b"{\"t\":1}"), 5) {
             Work::Message { key, message } => {
                 assert_eq!(key, "u:p/d/m1");

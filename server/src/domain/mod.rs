@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod api_keys;
+pub mod commands;
 pub mod events;
 pub mod history;
 pub mod ingest;

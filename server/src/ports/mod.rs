@@ -5,6 +5,8 @@
 //! SQLite or as a stateless fleet on PostgreSQL, Redis, RabbitMQ and EMQX.
 
 pub mod broker;
+pub mod commands;
 pub mod dedup;
 pub mod event_bus;
+pub mod replies;
 pub mod store;

@@ -4,6 +4,7 @@ mod helpers;
 
 mod broker_auth;
 mod cli;
+mod commands;
 mod emqx_postgres;
 mod events;
 mod hook_contracts;

@@ -1,0 +1,567 @@
+//! The command log in SQL: [`CommandStore`] for PostgreSQL and SQLite.
+//!
+//! Both stores run the same transition statements (written with `$n`; SQLite gets `?n`), each one an
+//! `UPDATE ... WHERE <the transition is a step forward> RETURNING`, so a replayed or late report simply
+//! matches no row and emits nothing. They differ only in how rows are claimed: PostgreSQL uses
+//! `FOR UPDATE SKIP LOCKED` so several instances can dispatch side by side; SQLite has one writer.
+
+use std::sync::LazyLock;
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::postgres::{pair_outbox_ids, PgStore};
+use super::sqlite::SqliteStore;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::ports::commands::*;
+use crate::ports::event_bus::BusEvent;
+use crate::ports::store::OutboxRecord;
+
+const COLUMNS: &str = "product_id, device_id, request_id, mode, name, payload_format, payload, qos, idempotency_key, \
+     state, created_at, expires_at, sent_at, delivered_at, replied_at, expired_at, failed_at, failure, attempts, \
+     max_attempts, retry_interval_ms, next_attempt_at, reply, reply_message_id";
+
+/// Statements shared by both stores, with `$n` placeholders.
+struct Sql {
+    insert: String,
+    by_key: String,
+    get: String,
+    sent: String,
+    postponed: String,
+    delivered: String,
+    replied: String,
+    expired: String,
+    failed: String,
+    expired_list: String,
+}
+
+const PK: &str = "product_id = $1 AND device_id = $2 AND request_id = $3";
+const OPEN: &str = "state IN ('queued', 'sent', 'delivered')";
+
+impl Sql {
+    fn new(placeholder: char) -> Self {
+        let q = |s: String| s.replace('$', &placeholder.to_string());
+        Sql {
+            insert: q(format!(
+                "INSERT INTO device_commands (product_id, device_id, request_id, mode, name, payload_format, payload, \
+                 qos, idempotency_key, state, created_at, expires_at, max_attempts, retry_interval_ms, next_attempt_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10, $11, $12, $13, $14)
+                 ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
+            )),
+            by_key: q(format!(
+                "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND device_id = $2 AND idempotency_key = $3"
+            )),
+            get: q(format!("SELECT {COLUMNS} FROM device_commands WHERE {PK}")),
+            sent: q(format!(
+                "UPDATE device_commands SET state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END,
+                     sent_at = $4, attempts = attempts + 1, next_attempt_at = $5
+                 WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
+            )),
+            postponed: q(format!(
+                "UPDATE device_commands SET next_attempt_at = $4 WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
+            )),
+            // A delivery report may overtake the `sent` bookkeeping (fast devices), or the reply (webhooks
+            // race): the timestamp is kept, the state only moves forward.
+            delivered: q(format!(
+                "UPDATE device_commands SET state = CASE WHEN state IN ('queued', 'sent') THEN 'delivered' ELSE state END,
+                     delivered_at = $4
+                 WHERE {PK} AND delivered_at IS NULL RETURNING {COLUMNS}"
+            )),
+            // A reply after expiry is still the truth about what the device did: it is recorded.
+            replied: q(format!(
+                "UPDATE device_commands SET state = 'replied', replied_at = $4, reply = $5, reply_message_id = $6,
+                     next_attempt_at = NULL
+                 WHERE {PK} AND mode = $7 AND replied_at IS NULL AND state <> 'failed' RETURNING {COLUMNS}"
+            )),
+            expired: q(format!(
+                "UPDATE device_commands SET state = 'expired', expired_at = $4, next_attempt_at = NULL
+                 WHERE {PK} AND {OPEN} AND expires_at IS NOT NULL AND expires_at <= $4 RETURNING {COLUMNS}"
+            )),
+            failed: q(format!(
+                "UPDATE device_commands SET state = 'failed', failed_at = $4, failure = $5, next_attempt_at = NULL
+                 WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
+            )),
+            expired_list: q(format!(
+                "SELECT product_id, device_id, request_id FROM device_commands
+                 WHERE expires_at IS NOT NULL AND expires_at <= $1 AND {OPEN} ORDER BY expires_at LIMIT $2"
+            )),
+        }
+    }
+}
+
+static PG_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('$'));
+static SQLITE_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('?'));
+
+/// The statement (with its bound parameters) that applies one change.
+macro_rules! transition_query {
+    ($sql:expr, $change:expr) => {{
+        let sql: &'static Sql = $sql;
+        let c: &CommandChange = $change;
+        let q = |text: &'static str| {
+            sqlx::query(text).bind(c.device.product.as_str()).bind(c.device.device.as_str()).bind(c.request_id.as_str())
+        };
+        match &c.transition {
+            Transition::Sent { at, next_attempt_at } => q(&sql.sent).bind(*at).bind(*next_attempt_at),
+            Transition::Postponed { next_attempt_at } => q(&sql.postponed).bind(*next_attempt_at),
+            Transition::Delivered { at } => q(&sql.delivered).bind(*at),
+            Transition::Replied { at, mode, payload, message_id } => {
+                q(&sql.replied).bind(*at).bind(payload.as_slice()).bind(message_id.as_str()).bind(mode.as_str())
+            }
+            Transition::Expired { at } => q(&sql.expired).bind(*at),
+            Transition::Failed { at, reason } => q(&sql.failed).bind(*at).bind(reason.as_str()),
+        }
+    }};
+}
+
+macro_rules! command_row {
+    ($r:expr) => {{
+        let r = $r;
+        let text = |col: &str| -> Result<String> { Ok(r.try_get::<String, _>(col)?) };
+        let bad = |what: &str, v: &str| Error::Internal(anyhow::anyhow!("stored command {what} {v:?}"));
+        let (mode, format, state) = (text("mode")?, text("payload_format")?, text("state")?);
+        let qos: i16 = r.try_get("qos")?;
+        Ok::<_, Error>(CommandRecord {
+            device: DeviceRef {
+                product: ProductId::parse(text("product_id")?).map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+                device: DeviceId::parse(text("device_id")?).map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+            },
+            request_id: text("request_id")?,
+            mode: CommandMode::parse(&mode).ok_or_else(|| bad("mode", &mode))?,
+            name: text("name")?,
+            format: PayloadFormat::parse(&format).ok_or_else(|| bad("payload format", &format))?,
+            payload: r.try_get("payload")?,
+            qos: qos as u8,
+            idempotency_key: r.try_get("idempotency_key")?,
+            state: CommandState::parse(&state).ok_or_else(|| bad("state", &state))?,
+            created_at: r.try_get("created_at")?,
+            expires_at: r.try_get("expires_at")?,
+            sent_at: r.try_get("sent_at")?,
+            delivered_at: r.try_get("delivered_at")?,
+            replied_at: r.try_get("replied_at")?,
+            expired_at: r.try_get("expired_at")?,
+            failed_at: r.try_get("failed_at")?,
+            failure: r.try_get("failure")?,
+            attempts: r.try_get("attempts")?,
+            max_attempts: r.try_get("max_attempts")?,
+            retry_interval_ms: r.try_get("retry_interval_ms")?,
+            next_attempt_at: r.try_get("next_attempt_at")?,
+            reply: r.try_get("reply")?,
+            reply_message_id: r.try_get("reply_message_id")?,
+        })
+    }};
+}
+
+macro_rules! insert_query {
+    ($sql:expr, $c:expr, $now:expr) => {{
+        let c: &NewCommand = $c;
+        sqlx::query(&$sql.insert)
+            .bind(c.device.product.as_str())
+            .bind(c.device.device.as_str())
+            .bind(c.request_id.as_str())
+            .bind(c.mode.as_str())
+            .bind(c.name.as_str())
+            .bind(c.format.as_str())
+            .bind(c.payload.as_slice())
+            .bind(c.qos as i16)
+            .bind(c.idempotency_key.as_deref())
+            .bind($now)
+            .bind(c.expires_at)
+            .bind(c.retry.map_or(1, |r| r.max_attempts))
+            .bind(c.retry.map(|r| r.interval_ms))
+            .bind(c.leased_until)
+    }};
+}
+
+fn device_gone(e: sqlx::Error, device: &DeviceRef) -> Error {
+    match &e {
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::not_found("device", device),
+        _ => e.into(),
+    }
+}
+
+/// Optional filters are `NULL`-guarded so one statement (and one cached plan) serves every query.
+fn list_sql(placeholder: char) -> String {
+    format!(
+        "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND device_id = $2
+           AND ($3 IS NULL OR state = $3)
+           AND ($4 IS NULL OR created_at > $4 OR (created_at = $4 AND request_id > $5))
+         ORDER BY created_at, request_id LIMIT $6"
+    )
+    .replace('$', &placeholder.to_string())
+}
+
+static PG_LIST: LazyLock<String> = LazyLock::new(|| {
+    list_sql('$').replace("$3 IS NULL", "$3::TEXT IS NULL").replace("$4 IS NULL", "$4::BIGINT IS NULL")
+});
+static SQLITE_LIST: LazyLock<String> = LazyLock::new(|| list_sql('?'));
+
+macro_rules! key_row {
+    ($r:expr) => {{
+        let r = $r;
+        Ok::<_, Error>((
+            DeviceRef {
+                product: ProductId::parse(r.try_get::<String, _>("product_id")?)
+                    .map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+                device: DeviceId::parse(r.try_get::<String, _>("device_id")?)
+                    .map_err(|e| anyhow::anyhow!("stored id: {e}"))?,
+            },
+            r.try_get::<String, _>("request_id")?,
+        ))
+    }};
+}
+
+#[async_trait]
+impl CommandStore for PgStore {
+    #[tracing::instrument(skip_all, fields(device = %command.device, request_id = %command.request_id), name = "pg.insert_command")]
+    async fn insert_command(
+        &self,
+        command: &NewCommand,
+        event: &BusEvent,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
+        let mut tx = self.pool().begin().await?;
+        let inserted = insert_query!(PG_SQL, command, now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| device_gone(e, &command.device))?;
+        let Some(row) = inserted else {
+            tx.rollback().await?;
+            return existing_by_key(self.get_by_key(command).await?, command);
+        };
+        let record = command_row!(&row)?;
+        let outbox = pg_outbox(&mut tx, vec![event.clone()], now, lease_ms).await?;
+        tx.commit().await?;
+        Ok((record, true, outbox))
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.get_command")]
+    async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>> {
+        let row = sqlx::query(&PG_SQL.get)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(request_id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(|r| command_row!(r)).transpose()
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.list_commands")]
+    async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>> {
+        let (after_at, after_id) = filter.after.clone().unzip();
+        let rows = sqlx::query(&PG_LIST)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(filter.state.map(CommandState::as_str))
+            .bind(after_at)
+            .bind(after_id)
+            .bind(filter.limit as i64)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(|r| command_row!(r)).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.claim_commands")]
+    async fn claim_commands(
+        &self,
+        scope: &ClaimScope,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>> {
+        let claim = |which: &str| {
+            format!(
+                "UPDATE device_commands u SET next_attempt_at = $1 + $2
+                 FROM (SELECT c.product_id, c.device_id, c.request_id FROM device_commands c
+                       JOIN devices d ON d.product_id = c.product_id AND d.device_id = c.device_id AND d.online
+                       WHERE {which} AND (c.expires_at IS NULL OR c.expires_at > $1)
+                       ORDER BY c.created_at LIMIT $3 FOR UPDATE OF c SKIP LOCKED) picked
+                 WHERE u.product_id = picked.product_id AND u.device_id = picked.device_id
+                   AND u.request_id = picked.request_id
+                 RETURNING {}",
+                COLUMNS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+            )
+        };
+        let rows = match scope {
+            ClaimScope::Devices(list) => {
+                let sql = claim(
+                    "c.state = 'queued' AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= $1)
+                     AND (c.product_id, c.device_id) IN (SELECT * FROM UNNEST($4::TEXT[], $5::TEXT[]))",
+                );
+                sqlx::query(&sql)
+                    .bind(now)
+                    .bind(lease_ms)
+                    .bind(limit as i64)
+                    .bind(list.iter().map(|d| d.product.as_str()).collect::<Vec<_>>())
+                    .bind(list.iter().map(|d| d.device.as_str()).collect::<Vec<_>>())
+                    .fetch_all(self.pool())
+                    .await?
+            }
+            ClaimScope::Due => {
+                let sql = claim("c.next_attempt_at <= $1 AND c.state IN ('queued', 'sent', 'delivered')");
+                sqlx::query(&sql).bind(now).bind(lease_ms).bind(limit as i64).fetch_all(self.pool()).await?
+            }
+        };
+        let mut claimed = rows.iter().map(|r| command_row!(r)).collect::<Result<Vec<_>>>()?;
+        claimed.sort_by(|a, b| (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id)));
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.expired_commands")]
+    async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>> {
+        let rows = sqlx::query(&PG_SQL.expired_list).bind(now).bind(limit as i64).fetch_all(self.pool()).await?;
+        rows.iter().map(|r| key_row!(r)).collect()
+    }
+
+    #[tracing::instrument(skip_all, fields(changes = changes.len()), name = "pg.change_commands")]
+    async fn change_commands(
+        &self,
+        changes: &[CommandChange],
+        events_for: EventsFor<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<ChangeOutcome> {
+        let mut out = ChangeOutcome::default();
+        if changes.is_empty() {
+            return Ok(out);
+        }
+        let mut tx = self.pool().begin().await?;
+        let mut events = Vec::new();
+        for change in changes {
+            if let Some(row) = transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
+                let record = command_row!(&row)?;
+                events.extend(events_for(&record, &change.transition));
+                out.changed.push((record, change.transition.clone()));
+            }
+        }
+        out.outbox = pg_outbox(&mut tx, events, now, lease_ms).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+impl PgStore {
+    async fn get_by_key(&self, command: &NewCommand) -> Result<Option<CommandRecord>> {
+        let Some(key) = &command.idempotency_key else { return Ok(None) };
+        let row = sqlx::query(&PG_SQL.by_key)
+            .bind(command.device.product.as_str())
+            .bind(command.device.device.as_str())
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(|r| command_row!(r)).transpose()
+    }
+}
+
+async fn pg_outbox(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    events: Vec<BusEvent>,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Vec<OutboxRecord>> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO event_outbox (kind, routing_key, event_id, body, created_at, leased_until)
+         SELECT k, r, e, b, $5, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BYTEA[]) AS u(k, r, e, b)
+         RETURNING id, event_id",
+    )
+    .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.routing_key.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+    .bind(events.iter().map(|e| e.body.as_slice()).collect::<Vec<_>>())
+    .bind(now)
+    .bind(now + lease_ms)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(pair_outbox_ids(events, ids))
+}
+
+/// The command an idempotency key already names, or why there is none.
+fn existing_by_key(
+    existing: Option<CommandRecord>,
+    command: &NewCommand,
+) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
+    match existing {
+        Some(record) => Ok((record, false, Vec::new())),
+        // Without a key the only possible conflict is the request id, which iothub generates.
+        None => Err(Error::Conflict(format!("request id `{}` already exists", command.request_id))),
+    }
+}
+
+#[async_trait]
+impl CommandStore for SqliteStore {
+    #[tracing::instrument(skip_all, fields(device = %command.device, request_id = %command.request_id), name = "sqlite.insert_command")]
+    async fn insert_command(
+        &self,
+        command: &NewCommand,
+        event: &BusEvent,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
+        let mut tx = self.writer().begin().await?;
+        let inserted = insert_query!(SQLITE_SQL, command, now)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| device_gone(e, &command.device))?;
+        let Some(row) = inserted else {
+            let existing = match &command.idempotency_key {
+                Some(key) => sqlx::query(&SQLITE_SQL.by_key)
+                    .bind(command.device.product.as_str())
+                    .bind(command.device.device.as_str())
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .as_ref()
+                    .map(|r| command_row!(r))
+                    .transpose()?,
+                None => None,
+            };
+            tx.rollback().await?;
+            return existing_by_key(existing, command);
+        };
+        let record = command_row!(&row)?;
+        let outbox = sqlite_outbox(&mut tx, vec![event.clone()], now, lease_ms).await?;
+        tx.commit().await?;
+        Ok((record, true, outbox))
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.get_command")]
+    async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>> {
+        let row = sqlx::query(&SQLITE_SQL.get)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(request_id)
+            .fetch_optional(self.reader())
+            .await?;
+        row.as_ref().map(|r| command_row!(r)).transpose()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.list_commands")]
+    async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>> {
+        let (after_at, after_id) = filter.after.clone().unzip();
+        let rows = sqlx::query(&SQLITE_LIST)
+            .bind(device.product.as_str())
+            .bind(device.device.as_str())
+            .bind(filter.state.map(CommandState::as_str))
+            .bind(after_at)
+            .bind(after_id)
+            .bind(filter.limit as i64)
+            .fetch_all(self.reader())
+            .await?;
+        rows.iter().map(|r| command_row!(r)).collect()
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.claim_commands")]
+    async fn claim_commands(
+        &self,
+        scope: &ClaimScope,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>> {
+        let returning = COLUMNS;
+        let pick = |which: &str| {
+            format!(
+                "UPDATE device_commands SET next_attempt_at = ?1 + ?2 WHERE rowid IN (
+                     SELECT c.rowid FROM device_commands c
+                     JOIN devices d ON d.product_id = c.product_id AND d.device_id = c.device_id AND d.online
+                     WHERE {which} AND (c.expires_at IS NULL OR c.expires_at > ?1)
+                     ORDER BY c.created_at LIMIT ?3)
+                 RETURNING {returning}"
+            )
+        };
+        let mut tx = self.writer().begin().await?;
+        let mut claimed = Vec::new();
+        match scope {
+            ClaimScope::Devices(list) => {
+                let sql = pick(
+                    "c.state = 'queued' AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= ?1)
+                     AND c.product_id = ?4 AND c.device_id = ?5",
+                );
+                for device in list {
+                    let rows = sqlx::query(&sql)
+                        .bind(now)
+                        .bind(lease_ms)
+                        .bind(limit as i64)
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in &rows {
+                        claimed.push(command_row!(row)?);
+                    }
+                }
+            }
+            ClaimScope::Due => {
+                let sql = pick("c.next_attempt_at <= ?1 AND c.state IN ('queued', 'sent', 'delivered')");
+                let rows = sqlx::query(&sql).bind(now).bind(lease_ms).bind(limit as i64).fetch_all(&mut *tx).await?;
+                for row in &rows {
+                    claimed.push(command_row!(row)?);
+                }
+            }
+        }
+        tx.commit().await?;
+        claimed.sort_by(|a, b| (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id)));
+        Ok(claimed)
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.expired_commands")]
+    async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>> {
+        let rows = sqlx::query(&SQLITE_SQL.expired_list).bind(now).bind(limit as i64).fetch_all(self.reader()).await?;
+        rows.iter().map(|r| key_row!(r)).collect()
+    }
+
+    #[tracing::instrument(skip_all, fields(changes = changes.len()), name = "sqlite.change_commands")]
+    async fn change_commands(
+        &self,
+        changes: &[CommandChange],
+        events_for: EventsFor<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<ChangeOutcome> {
+        let mut out = ChangeOutcome::default();
+        if changes.is_empty() {
+            return Ok(out);
+        }
+        let mut tx = self.writer().begin().await?;
+        let mut events = Vec::new();
+        for change in changes {
+            if let Some(row) = transition_query!(&SQLITE_SQL, change).fetch_optional(&mut *tx).await? {
+                let record = command_row!(&row)?;
+                events.extend(events_for(&record, &change.transition));
+                out.changed.push((record, change.transition.clone()));
+            }
+        }
+        out.outbox = sqlite_outbox(&mut tx, events, now, lease_ms).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+async fn sqlite_outbox(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    events: Vec<BusEvent>,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Vec<OutboxRecord>> {
+    let mut out = Vec::with_capacity(events.len());
+    for event in events {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO event_outbox (kind, routing_key, event_id, body, created_at, leased_until)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        )
+        .bind(event.kind.as_str())
+        .bind(&event.routing_key)
+        .bind(&event.event_id)
+        .bind(&event.body)
+        .bind(now)
+        .bind(now + lease_ms)
+        .fetch_one(&mut **tx)
+        .await?;
+        out.push(OutboxRecord { id, event });
+    }
+    Ok(out)
+}

@@ -1,0 +1,621 @@
+//! Device control out: the durable command log, its dispatcher, RPC, and iothub's own `$` replies.
+//!
+//! Every business command (`cmd` or `rpc`) is written to the command log before anything is published,
+//! so nothing is lost and nothing is sent twice by accident:
+//! - a command for an online device is claimed at birth and published at once;
+//! - one for an offline device waits `queued` until the device connects (the ingest path reports the
+//!   connect) or its TTL passes;
+//! - a scheduler (every instance, every `commands.sweep_ms`) expires commands past their TTL and sends
+//!   what is due: retries of unreplied commands, publishes the broker could not take, claims whose
+//!   instance died.
+//!
+//! Claims are leases on the row (`next_attempt_at`), so any number of instances dispatch side by side.
+//! Delivery reports and replies come back through the ingest path as [`CommandChange`]s. An RPC caller
+//! waits on the [`ReplyHub`], which hears about replies committed on any instance.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use base64::Engine as _;
+
+use crate::clock::now_ms;
+use crate::domain::events;
+use crate::domain::relay::RelayHandle;
+use crate::error::{Error, Result};
+use crate::ids::DeviceRef;
+use crate::ports::broker::{BrokerApi, OutboundMessage, Published};
+use crate::ports::commands::*;
+use crate::ports::event_bus::BusEvent;
+use crate::ports::replies::{reply_key, Reply, ReplyHub};
+use crate::ports::store::{DeviceStatus, Store};
+use crate::topics::{command_topic, is_internal_name, is_name};
+
+/// Largest command payload accepted (brokers default to 1 MiB packets; topic and headers need room).
+pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Longest TTL a command may have.
+pub const MAX_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// When EMQX says nobody subscribes although the device is online (its auto-subscription may not be in
+/// place yet right after connecting), try again this soon.
+const NO_SUBSCRIBER_RETRY_MS: i64 = 2_000;
+/// After the broker API failed, try again this soon.
+const BROKER_RETRY_MS: i64 = 5_000;
+/// Most commands one scheduler round expires or sends.
+const SWEEP_BATCH: u32 = 500;
+
+pub struct CommandSettings {
+    /// Lease of outbox rows handed to the relay.
+    pub outbox_lease_ms: i64,
+    /// How long a claim protects a command being published from other dispatchers.
+    pub dispatch_lease_ms: i64,
+    pub sweep_every: Duration,
+}
+
+/// A business caller's command, before validation.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub name: String,
+    pub format: PayloadFormat,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub ttl_ms: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// What an RPC came to.
+#[derive(Debug, Clone)]
+pub struct RpcReply {
+    pub request_id: String,
+    pub payload: Vec<u8>,
+    pub replied_at: i64,
+}
+
+#[derive(Clone)]
+pub struct CommandService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    commands: Arc<dyn CommandStore>,
+    broker: Arc<dyn BrokerApi>,
+    replies: Arc<dyn ReplyHub>,
+    relay: RelayHandle,
+    settings: CommandSettings,
+}
+
+/// The events announcing a change that took effect: the new state, and the reply when there is one.
+/// A late delivery report (after the reply) and a postponement change no state, so they announce nothing.
+fn events_for(record: &CommandRecord, transition: &Transition) -> Vec<BusEvent> {
+    match transition {
+        Transition::Postponed { .. } => Vec::new(),
+        Transition::Delivered { .. } if record.state != CommandState::Delivered => Vec::new(),
+        Transition::Replied { at, payload, message_id, .. } => {
+            vec![events::command_state(record), events::cmd_resp(record, message_id, payload, *at)]
+        }
+        _ => vec![events::command_state(record)],
+    }
+}
+
+/// When an unreplied command that was just sent goes out again, if its retry policy says so.
+fn next_retry(record: &CommandRecord, sent_at: i64) -> Option<i64> {
+    match record.retry_interval_ms {
+        Some(interval) if record.attempts + 1 < record.max_attempts => Some(sent_at + interval),
+        _ => None,
+    }
+}
+
+fn new_request_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+impl CommandService {
+    pub fn start(
+        store: Arc<dyn Store>,
+        commands: Arc<dyn CommandStore>,
+        broker: Arc<dyn BrokerApi>,
+        replies: Arc<dyn ReplyHub>,
+        relay: RelayHandle,
+        settings: CommandSettings,
+    ) -> Self {
+        let inner = Arc::new(Inner { store, commands, broker, replies, relay, settings });
+        tokio::spawn(scheduler(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    fn validate(request: &CommandRequest) -> Result<()> {
+        if !is_name(&request.name) {
+            return Err(Error::validation("name", "must be 1-64 of [A-Za-z0-9_.-]"));
+        }
+        if is_internal_name(&request.name) {
+            return Err(Error::validation("name", "names starting with `$` are reserved for iothub"));
+        }
+        if request.payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::validation("payload", format!("must be at most {MAX_PAYLOAD_BYTES} bytes")));
+        }
+        if request.qos > 2 {
+            return Err(Error::validation("qos", "must be 0, 1 or 2"));
+        }
+        if let Some(ttl) = request.ttl_ms {
+            if !(1_000..=MAX_TTL_MS).contains(&ttl) {
+                return Err(Error::validation("ttl_secs", format!("must be between 1 and {}", MAX_TTL_MS / 1000)));
+            }
+        }
+        if let Some(key) = &request.idempotency_key {
+            if !crate::topics::is_message_id(key) {
+                return Err(Error::validation("Idempotency-Key", "must be 1-128 of [A-Za-z0-9_.:-]"));
+            }
+        }
+        if let Some(retry) = request.retry {
+            if !(1_000..=3_600_000).contains(&retry.interval_ms) {
+                return Err(Error::validation("retry.interval_secs", "must be between 1 and 3600"));
+            }
+            if !(1..=100).contains(&retry.max_attempts) {
+                return Err(Error::validation("retry.max_attempts", "must be between 1 and 100"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a command and sends it if the device is online; otherwise it waits for the device to connect.
+    /// With an idempotency key already used for this device, the existing command comes back
+    /// (`created = false`).
+    #[tracing::instrument(skip_all, fields(%device, name = %request.name), name = "commands.submit")]
+    pub async fn submit(&self, device: &DeviceRef, request: CommandRequest) -> Result<(CommandRecord, bool)> {
+        Self::validate(&request)?;
+        let online = self.active_device(device).await?;
+        self.create(device, request, CommandMode::Cmd, online).await
+    }
+
+    /// Whether the device is online; it must exist and be active.
+    async fn active_device(&self, device: &DeviceRef) -> Result<bool> {
+        let record = self.inner.store.get_device(device).await?.ok_or_else(|| Error::not_found("device", device))?;
+        if record.status == DeviceStatus::Suspended {
+            return Err(Error::Conflict(format!("device `{device}` is suspended")));
+        }
+        Ok(record.online)
+    }
+
+    async fn create(
+        &self,
+        device: &DeviceRef,
+        request: CommandRequest,
+        mode: CommandMode,
+        online: bool,
+    ) -> Result<(CommandRecord, bool)> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let command = NewCommand {
+            device: device.clone(),
+            request_id: new_request_id(),
+            mode,
+            name: request.name,
+            format: request.format,
+            payload: request.payload,
+            qos: request.qos,
+            expires_at: request.ttl_ms.map(|ttl| now + ttl),
+            idempotency_key: request.idempotency_key,
+            retry: request.retry,
+            leased_until: online.then_some(now + inner.settings.dispatch_lease_ms),
+        };
+        let queued = events::command_state(&queued_record(&command, now));
+        let (record, created, outbox) =
+            inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
+        inner.relay.hand_off(outbox);
+        if !created {
+            if (record.name.as_str(), record.payload.as_slice(), record.mode)
+                != (command.name.as_str(), command.payload.as_slice(), mode)
+            {
+                return Err(Error::Conflict(
+                    "Idempotency-Key was already used for a different command to this device".into(),
+                ));
+            }
+            return Ok((record, false));
+        }
+        metrics::counter!("iothub_commands_created_total", "mode" => mode.as_str()).increment(1);
+        let record = if online {
+            self.dispatch(vec![record]).await.pop().expect("one in, one out")
+        } else if self.active_device(device).await.unwrap_or(false) {
+            // The device connected while we wrote: its connect may have looked for queued commands
+            // before ours committed, so look again (the claim makes sure only one of us sends it).
+            let claimed = inner
+                .commands
+                .claim_commands(
+                    &ClaimScope::Devices(vec![device.clone()]),
+                    now_ms(),
+                    inner.settings.dispatch_lease_ms,
+                    100,
+                )
+                .await?;
+            let sent = self.dispatch(claimed).await;
+            sent.into_iter().find(|c| c.request_id == record.request_id).unwrap_or(record)
+        } else {
+            record
+        };
+        Ok((record, true))
+    }
+
+    /// Sends a command and waits for the device's `rpc_resp`. Offline → 409 at once; no reply within
+    /// `timeout` → 504 naming the request id (the command expires with that TTL, so a late device does
+    /// not act on it).
+    #[tracing::instrument(skip_all, fields(%device, name = %request.name), name = "commands.rpc")]
+    pub async fn rpc(&self, device: &DeviceRef, request: CommandRequest, timeout: Duration) -> Result<RpcReply> {
+        if timeout.is_zero() || timeout > MAX_RPC_TIMEOUT {
+            return Err(Error::validation(
+                "timeout_ms",
+                format!("must be between 1 and {}", MAX_RPC_TIMEOUT.as_millis()),
+            ));
+        }
+        let request = CommandRequest { ttl_ms: Some(timeout.as_millis().max(1_000) as i64), ..request };
+        Self::validate(&request)?;
+        if !self.active_device(device).await? {
+            return Err(Error::Conflict(format!("device `{device}` is offline")));
+        }
+        let started = tokio::time::Instant::now();
+        // The request id is only known after insert; the waiter is keyed by it, so it is registered
+        // between insert and publish: the device cannot answer before it got the command.
+        let (record, waiter) = self.create_rpc(device, request).await?;
+        let key = reply_key(device.product.as_str(), device.device.as_str(), &record.request_id);
+        if let Some(reply) = waiter {
+            let remaining = timeout.saturating_sub(started.elapsed());
+            if let Some(reply) = reply.recv(remaining).await {
+                metrics::histogram!("iothub_rpc_seconds").record(started.elapsed().as_secs_f64());
+                return Ok(RpcReply {
+                    request_id: record.request_id,
+                    payload: reply.payload,
+                    replied_at: reply.replied_at,
+                });
+            }
+        }
+        // The announcement may have been lost (Redis away): the command log has the last word.
+        match self.inner.commands.get_command(device, &record.request_id).await? {
+            Some(CommandRecord { reply: Some(payload), replied_at: Some(at), .. }) => {
+                tracing::debug!(key, "RPC reply found in the command log");
+                Ok(RpcReply { request_id: record.request_id, payload, replied_at: at })
+            }
+            Some(CommandRecord { state: CommandState::Failed, failure, .. }) => Err(Error::Unavailable(format!(
+                "command `{}` could not be published: {}",
+                record.request_id,
+                failure.unwrap_or_default()
+            ))),
+            _ => {
+                metrics::counter!("iothub_rpc_timeouts_total").increment(1);
+                Err(Error::Timeout(format!(
+                    "device `{device}` did not reply to request `{}` within {} ms",
+                    record.request_id,
+                    timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    async fn create_rpc(
+        &self,
+        device: &DeviceRef,
+        request: CommandRequest,
+    ) -> Result<(CommandRecord, Option<crate::ports::replies::ReplyWaiter>)> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let command = NewCommand {
+            device: device.clone(),
+            request_id: new_request_id(),
+            mode: CommandMode::Rpc,
+            name: request.name,
+            format: request.format,
+            payload: request.payload,
+            qos: request.qos,
+            expires_at: request.ttl_ms.map(|ttl| now + ttl),
+            idempotency_key: None,
+            retry: None,
+            leased_until: Some(now + inner.settings.dispatch_lease_ms),
+        };
+        let waiter =
+            inner.replies.wait(reply_key(device.product.as_str(), device.device.as_str(), &command.request_id));
+        let queued = events::command_state(&queued_record(&command, now));
+        let (record, _, outbox) =
+            inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
+        inner.relay.hand_off(outbox);
+        metrics::counter!("iothub_commands_created_total", "mode" => "rpc").increment(1);
+        let record = self.dispatch(vec![record]).await.pop().expect("one in, one out");
+        Ok((record, Some(waiter)))
+    }
+
+    pub async fn get(&self, device: &DeviceRef, request_id: &str) -> Result<CommandRecord> {
+        self.inner
+            .commands
+            .get_command(device, request_id)
+            .await?
+            .ok_or_else(|| Error::not_found("command", request_id))
+    }
+
+    pub async fn list(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>> {
+        if self.inner.store.get_device(device).await?.is_none() {
+            return Err(Error::not_found("device", device));
+        }
+        self.inner.commands.list_commands(device, filter).await
+    }
+
+    /// Applies what the broker and devices reported about commands (deliveries, replies) and wakes RPC
+    /// callers. Returns only once committed, so the webhook that carried them can be answered.
+    pub async fn apply_feedback(&self, changes: &[CommandChange]) -> Result<()> {
+        let inner = &self.inner;
+        let outcome =
+            inner.commands.change_commands(changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await?;
+        inner.relay.hand_off(outcome.outbox);
+        let applied = outcome.changed.len();
+        metrics::counter!("iothub_command_feedback_total", "outcome" => "applied").increment(applied as u64);
+        metrics::counter!("iothub_command_feedback_total", "outcome" => "ignored")
+            .increment((changes.len() - applied) as u64);
+        for (record, transition) in outcome.changed {
+            if let (CommandMode::Rpc, Transition::Replied { at, payload, .. }) = (record.mode, transition) {
+                let key = reply_key(record.device.product.as_str(), record.device.device.as_str(), &record.request_id);
+                if let Err(e) = inner.replies.announce(Reply { key, payload, replied_at: at }).await {
+                    // The caller's final read of the command log still finds the reply.
+                    tracing::warn!(error = %e, request_id = %record.request_id, "RPC reply not announced");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Devices just connected: send what waited for them. Runs in the background (the webhook that
+    /// reported the connect does not wait for it); anything it misses, the scheduler sends.
+    pub fn devices_connected(&self, devices: Vec<DeviceRef>) {
+        if devices.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let inner = &this.inner;
+            match inner
+                .commands
+                .claim_commands(&ClaimScope::Devices(devices), now_ms(), inner.settings.dispatch_lease_ms, SWEEP_BATCH)
+                .await
+            {
+                Ok(claimed) => {
+                    this.dispatch(claimed).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "queued commands not claimed on connect; the scheduler will retry")
+                }
+            }
+        });
+    }
+
+    /// Publishes claimed commands (in order, per device) and records the outcome of each. Returns the
+    /// commands as they are afterwards.
+    async fn dispatch(&self, claimed: Vec<CommandRecord>) -> Vec<CommandRecord> {
+        let inner = &self.inner;
+        let mut changes = Vec::with_capacity(claimed.len());
+        for command in &claimed {
+            let now = now_ms();
+            let transition = match self.publish(command, now).await {
+                Ok(Published::Delivered | Published::Accepted) => {
+                    Transition::Sent { at: now, next_attempt_at: next_retry(command, now) }
+                }
+                Ok(Published::NoSubscribers) => {
+                    Transition::Postponed { next_attempt_at: Some(now + NO_SUBSCRIBER_RETRY_MS) }
+                }
+                Err(Error::Validation { message, .. }) => Transition::Failed { at: now, reason: message },
+                Err(e) => {
+                    tracing::warn!(error = %e, request_id = %command.request_id, "command not published; will retry");
+                    Transition::Postponed { next_attempt_at: Some(now + BROKER_RETRY_MS) }
+                }
+            };
+            changes.push(CommandChange {
+                device: command.device.clone(),
+                request_id: command.request_id.clone(),
+                transition,
+            });
+        }
+        match inner.commands.change_commands(&changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await {
+            Ok(outcome) => {
+                inner.relay.hand_off(outcome.outbox);
+                let mut after: Vec<CommandRecord> = outcome.changed.into_iter().map(|(r, _)| r).collect();
+                // A command a delivery report or reply overtook keeps its newer state.
+                for command in &claimed {
+                    if !after.iter().any(|r| r.request_id == command.request_id) {
+                        after.push(command.clone());
+                    }
+                }
+                after.sort_by_key(|r| claimed.iter().position(|c| c.request_id == r.request_id));
+                after
+            }
+            Err(e) => {
+                // The claims run out and the scheduler sends again: at least once, never lost.
+                tracing::warn!(error = %e, "command dispatch not recorded; the lease will expire and it is retried");
+                claimed
+            }
+        }
+    }
+
+    async fn publish(&self, command: &CommandRecord, now: i64) -> Result<Published> {
+        let encoding = command.format.wire_encoding();
+        let payload = match command.format {
+            PayloadFormat::Base64 => base64::engine::general_purpose::STANDARD.encode(&command.payload).into_bytes(),
+            PayloadFormat::Plain | PayloadFormat::Json => command.payload.clone(),
+        };
+        let message = OutboundMessage {
+            topic: command_topic(
+                command.mode.as_str(),
+                command.device.product.as_str(),
+                command.device.device.as_str(),
+                &command.name,
+                encoding,
+                &command.request_id,
+                command.expires_at,
+            ),
+            payload,
+            qos: command.qos,
+            expiry_secs: command.expires_at.map(|at| ((at - now).max(1_000) + 999) as u32 / 1000),
+        };
+        self.inner.broker.publish(&message).await
+    }
+
+    /// Sends one of iothub's own commands (`$set_ntp`, ...): not logged, because it answers a request
+    /// the device repeats if it gets no answer.
+    #[tracing::instrument(skip_all, fields(%device, name), name = "commands.send_internal")]
+    pub async fn send_internal(&self, device: &DeviceRef, name: &str, payload: Vec<u8>, qos: u8) -> Result<()> {
+        debug_assert!(is_internal_name(name));
+        let topic = command_topic(
+            "cmd",
+            device.product.as_str(),
+            device.device.as_str(),
+            name,
+            "plain",
+            &new_request_id(),
+            None,
+        );
+        self.inner.broker.publish(&OutboundMessage { topic, payload, qos, expiry_secs: None }).await?;
+        metrics::counter!("iothub_internal_commands_total", "name" => name.to_string()).increment(1);
+        Ok(())
+    }
+
+    /// One scheduler round: expire what is past its TTL, send what is due. Public for tests and tools.
+    pub async fn sweep(&self) -> Result<usize> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let expired = inner.commands.expired_commands(now, SWEEP_BATCH).await?;
+        let changes: Vec<CommandChange> = expired
+            .into_iter()
+            .map(|(device, request_id)| CommandChange {
+                device,
+                request_id,
+                transition: Transition::Expired { at: now },
+            })
+            .collect();
+        let outcome =
+            inner.commands.change_commands(&changes, &events_for, now, inner.settings.outbox_lease_ms).await?;
+        inner.relay.hand_off(outcome.outbox);
+        metrics::counter!("iothub_commands_expired_total").increment(outcome.changed.len() as u64);
+        let due =
+            inner.commands.claim_commands(&ClaimScope::Due, now, inner.settings.dispatch_lease_ms, SWEEP_BATCH).await?;
+        let sent = due.len();
+        self.dispatch(due).await;
+        Ok(outcome.changed.len() + sent)
+    }
+}
+
+/// The record a freshly inserted command will be, for its `queued` event (built before the insert so
+/// the event commits with the row).
+fn queued_record(c: &NewCommand, now: i64) -> CommandRecord {
+    CommandRecord {
+        device: c.device.clone(),
+        request_id: c.request_id.clone(),
+        mode: c.mode,
+        name: c.name.clone(),
+        format: c.format,
+        payload: Vec::new(),
+        qos: c.qos,
+        idempotency_key: c.idempotency_key.clone(),
+        state: CommandState::Queued,
+        created_at: now,
+        expires_at: c.expires_at,
+        sent_at: None,
+        delivered_at: None,
+        replied_at: None,
+        expired_at: None,
+        failed_at: None,
+        failure: None,
+        attempts: 0,
+        max_attempts: c.retry.map_or(1, |r| r.max_attempts),
+        retry_interval_ms: c.retry.map(|r| r.interval_ms),
+        next_attempt_at: c.leased_until,
+        reply: None,
+        reply_message_id: None,
+    }
+}
+
+/// Runs rounds until the service is gone. A round that finds work is followed by another at once.
+async fn scheduler(inner: Weak<Inner>) {
+    let mut interval = match inner.upgrade() {
+        Some(i) => tokio::time::interval(i.settings.sweep_every),
+        None => return,
+    };
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let service = CommandService { inner };
+        if let Err(e) = service.sweep().await {
+            tracing::warn!(error = %e, "command scheduler round failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{DeviceId, ProductId};
+
+    fn record(attempts: i32, max_attempts: i32, interval: Option<i64>) -> CommandRecord {
+        let mut r = queued_record(
+            &NewCommand {
+                device: DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse("d").unwrap()),
+                request_id: "r".into(),
+                mode: CommandMode::Cmd,
+                name: "n".into(),
+                format: PayloadFormat::Plain,
+                payload: vec![],
+                qos: 1,
+                expires_at: None,
+                idempotency_key: None,
+                retry: None,
+                leased_until: None,
+            },
+            0,
+        );
+        r.attempts = attempts;
+        r.max_attempts = max_attempts;
+        r.retry_interval_ms = interval;
+        r
+    }
+
+    #[test]
+    fn retries_stop_after_max_attempts() {
+        assert_eq!(next_retry(&record(0, 3, Some(10_000)), 5), Some(10_005));
+        assert_eq!(next_retry(&record(1, 3, Some(10_000)), 5), Some(10_005));
+        assert_eq!(next_retry(&record(2, 3, Some(10_000)), 5), None, "third send is the last");
+        assert_eq!(next_retry(&record(0, 1, None), 5), None);
+    }
+
+    #[test]
+    fn only_state_changes_are_announced() {
+        let mut r = record(1, 1, None);
+        assert!(events_for(&r, &Transition::Postponed { next_attempt_at: None }).is_empty());
+        r.state = CommandState::Replied;
+        assert!(events_for(&r, &Transition::Delivered { at: 1 }).is_empty(), "late delivery report");
+        let replied =
+            Transition::Replied { at: 1, mode: CommandMode::Cmd, payload: b"ok".to_vec(), message_id: "m".into() };
+        let kinds: Vec<_> = events_for(&r, &replied).iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [events::EventKind::CommandState, events::EventKind::CmdResp]);
+    }
+
+    #[test]
+    fn reserved_and_malformed_commands_are_refused_naming_the_field() {
+        let ok = CommandRequest {
+            name: "reboot".into(),
+            format: PayloadFormat::Plain,
+            payload: vec![],
+            qos: 1,
+            ttl_ms: None,
+            idempotency_key: None,
+            retry: None,
+        };
+        assert!(CommandService::validate(&ok).is_ok());
+        let field = |r: CommandRequest| match CommandService::validate(&r) {
+            Err(Error::Validation { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(CommandRequest { name: "$set_ntp".into(), ..ok.clone() }), "name");
+        assert_eq!(field(CommandRequest { name: "a/b".into(), ..ok.clone() }), "name");
+        assert_eq!(field(CommandRequest { qos: 3, ..ok.clone() }), "qos");
+        assert_eq!(field(CommandRequest { ttl_ms: Some(10), ..ok.clone() }), "ttl_secs");
+        assert_eq!(field(CommandRequest { payload: vec![0; MAX_PAYLOAD_BYTES + 1], ..ok.clone() }), "payload");
+        assert_eq!(field(CommandRequest { idempotency_key: Some("a b".into()), ..ok.clone() }), "Idempotency-Key");
+        let retry = Some(RetryPolicy { interval_ms: 10, max_attempts: 3 });
+        assert_eq!(field(CommandRequest { retry, ..ok.clone() }), "retry.interval_secs");
+    }
+}

@@ -1,0 +1,253 @@
+//! The command-log port: durable downstream commands and their state machine.
+//!
+//! A command row is the single truth about one request to one device, whatever the mode (`cmd`, `rpc`)
+//! and whoever acts on it (the API that created it, the ingest path that sees the device's reply or the
+//! broker's delivery report, the scheduler that retries and expires). States only move forward and every
+//! change is written together with its `command_state` event (outbox), so consumers see each transition
+//! once the transaction commits. Both SQL stores implement it; times are Unix milliseconds.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::ids::DeviceRef;
+use crate::ports::event_bus::BusEvent;
+use crate::ports::store::OutboxRecord;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandMode {
+    /// Fire and forget; the reply (if any) arrives on `cmd_resp`.
+    Cmd,
+    /// The caller waits for `rpc_resp`.
+    Rpc,
+}
+
+impl CommandMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandMode::Cmd => "cmd",
+            CommandMode::Rpc => "rpc",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cmd" => Some(CommandMode::Cmd),
+            "rpc" => Some(CommandMode::Rpc),
+            _ => None,
+        }
+    }
+}
+
+/// How the caller gave the payload. `base64` travels as base64 text with the topic's encoding level
+/// `base64` (devices decode it, as with the reference IotHub); `plain` and `json` travel as-is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    #[default]
+    Plain,
+    Base64,
+    Json,
+}
+
+impl PayloadFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PayloadFormat::Plain => "plain",
+            PayloadFormat::Base64 => "base64",
+            PayloadFormat::Json => "json",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "plain" => Some(PayloadFormat::Plain),
+            "base64" => Some(PayloadFormat::Base64),
+            "json" => Some(PayloadFormat::Json),
+            _ => None,
+        }
+    }
+    /// The topic's `{encoding}` level.
+    pub fn wire_encoding(self) -> &'static str {
+        match self {
+            PayloadFormat::Base64 => "base64",
+            PayloadFormat::Plain | PayloadFormat::Json => "plain",
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    Queued,
+    Sent,
+    Delivered,
+    Replied,
+    Expired,
+    Failed,
+}
+
+impl CommandState {
+    pub const ALL: [CommandState; 6] = [
+        CommandState::Queued,
+        CommandState::Sent,
+        CommandState::Delivered,
+        CommandState::Replied,
+        CommandState::Expired,
+        CommandState::Failed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Delivered => "delivered",
+            CommandState::Replied => "replied",
+            CommandState::Expired => "expired",
+            CommandState::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+    pub fn is_terminal(self) -> bool {
+        matches!(self, CommandState::Replied | CommandState::Expired | CommandState::Failed)
+    }
+}
+
+/// Resend an unreplied command every `interval_ms` until it was sent `max_attempts` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub interval_ms: i64,
+    pub max_attempts: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub device: DeviceRef,
+    pub request_id: String,
+    pub mode: CommandMode,
+    pub name: String,
+    pub format: PayloadFormat,
+    /// The bytes the device gets (for `base64`, the decoded bytes; they travel re-encoded).
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub expires_at: Option<i64>,
+    pub idempotency_key: Option<String>,
+    pub retry: Option<RetryPolicy>,
+    /// Claimed for immediate sending (device online): the row is leased until this time.
+    pub leased_until: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRecord {
+    pub device: DeviceRef,
+    pub request_id: String,
+    pub mode: CommandMode,
+    pub name: String,
+    pub format: PayloadFormat,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub idempotency_key: Option<String>,
+    pub state: CommandState,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub sent_at: Option<i64>,
+    pub delivered_at: Option<i64>,
+    pub replied_at: Option<i64>,
+    pub expired_at: Option<i64>,
+    pub failed_at: Option<i64>,
+    pub failure: Option<String>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub retry_interval_ms: Option<i64>,
+    pub next_attempt_at: Option<i64>,
+    pub reply: Option<Vec<u8>>,
+    pub reply_message_id: Option<String>,
+}
+
+/// A change to one command. Each applies only if it moves the command forward, so replays and
+/// out-of-order reports (a delivery report after the reply) change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// Published (again): queued → sent, attempts + 1, the next retry (or none) scheduled.
+    Sent { at: i64, next_attempt_at: Option<i64> },
+    /// Could not be published now: stays as it is, tried again at `next_attempt_at` (`None`: on connect).
+    Postponed { next_attempt_at: Option<i64> },
+    /// The broker delivered it (QoS 0) or the device acknowledged it (QoS 1/2).
+    Delivered { at: i64 },
+    /// The device answered on `cmd_resp` / `rpc_resp` (must match the command's mode).
+    Replied { at: i64, mode: CommandMode, payload: Vec<u8>, message_id: String },
+    /// Its TTL passed without a reply.
+    Expired { at: i64 },
+    /// The broker refused it for good (e.g. packet too large).
+    Failed { at: i64, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandChange {
+    pub device: DeviceRef,
+    pub request_id: String,
+    pub transition: Transition,
+}
+
+/// Builds the events announcing one changed command (its new state, and the reply if there is one).
+pub type EventsFor<'a> = &'a (dyn Fn(&CommandRecord, &Transition) -> Vec<BusEvent> + Send + Sync);
+
+#[derive(Debug, Default)]
+pub struct ChangeOutcome {
+    /// The commands after every change that took effect, in input order.
+    pub changed: Vec<(CommandRecord, Transition)>,
+    pub outbox: Vec<OutboxRecord>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    pub state: Option<CommandState>,
+    /// Continue after this `(created_at, request_id)` (ascending).
+    pub after: Option<(i64, String)>,
+    pub limit: u32,
+}
+
+/// Which commands a dispatcher wants to claim.
+#[derive(Debug, Clone)]
+pub enum ClaimScope {
+    /// Queued commands of these (just connected) devices.
+    Devices(Vec<DeviceRef>),
+    /// Any command whose `next_attempt_at` is due.
+    Due,
+}
+
+#[async_trait]
+pub trait CommandStore: Send + Sync + 'static {
+    /// Inserts the command with its `queued` event. With an idempotency key already used for the device
+    /// the existing command comes back instead (`created = false`) and nothing is written.
+    async fn insert_command(
+        &self,
+        command: &NewCommand,
+        event: &BusEvent,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)>;
+    async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>>;
+    async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>>;
+    /// Leases up to `limit` commands ready to go out: unexpired, not replied, their device online, and
+    /// either queued (`Devices`) or due (`Due`). Each comes back with `next_attempt_at = now + lease_ms`.
+    async fn claim_commands(
+        &self,
+        scope: &ClaimScope,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<CommandRecord>>;
+    /// Unfinished commands whose TTL passed (for the expiry sweep).
+    async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>>;
+    /// Applies the changes in one transaction with the events `events_for` builds for each one that
+    /// took effect.
+    async fn change_commands(
+        &self,
+        changes: &[CommandChange],
+        events_for: EventsFor<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<ChangeOutcome>;
+}

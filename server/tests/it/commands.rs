@@ -1,0 +1,353 @@
+//! Device control out, end to end: business calls on iothub's API reach a real device (rumqttc) through the
+//! bundled RMQTT's REST publish API and auto-subscriptions; the device's replies and the broker's delivery
+//! reports come back through the web-hook into the command log (PostgreSQL / SQLite), RPC callers and
+//! RabbitMQ consumers.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::{Method, StatusCode};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// What a simulated device received: (topic, payload).
+type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A device that answers like firmware built for the reference IotHub: `cmd` → `cmd_resp` with
+/// `ok:{name}`, `rpc` → `rpc_resp` with a JSON reading; commands named `slow` are never answered.
+fn answering_device(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    device: &str,
+) -> (Inbox, tokio::task::JoinHandle<()>) {
+    let inbox: Inbox = Arc::default();
+    let seen = inbox.clone();
+    let device = device.to_string();
+    let task = tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    seen.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
+                    let levels: Vec<&str> = p.topic.split('/').collect();
+                    if levels.len() < 6 || levels[3] == "slow" || levels[3].starts_with('$') {
+                        continue;
+                    }
+                    let (mode, product, name, request_id) = (levels[0], levels[1], levels[3], levels[5]);
+                    n += 1;
+                    let (topic, reply) = match mode {
+                        "cmd" => {
+                            (format!("cmd_resp/{product}/{device}/{name}/{request_id}/r{n}"), format!("ok:{name}"))
+                        }
+                        _ => {
+                            (format!("rpc_resp/{product}/{device}/{name}/{request_id}/r{n}"), r#"{"temp":21.5}"#.into())
+                        }
+                    };
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, reply);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    (inbox, task)
+}
+
+async fn command(hub: &TestHub, p: &str, d: &str, request_id: &str) -> Value {
+    let (s, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}/commands/{request_id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+async fn wait_state(hub: &TestHub, p: &str, d: &str, request_id: &str, state: &str) -> Value {
+    eventually(Duration::from_secs(20), &format!("command {request_id} {state}"), || async {
+        let v = command(hub, p, d, request_id).await;
+        (v["state"] == state).then_some(v)
+    })
+    .await
+}
+
+async fn wait_online(hub: &TestHub, p: &str, d: &str) {
+    eventually(Duration::from_secs(15), &format!("{p}/{d} online"), || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}"), None).await;
+        (v["online"] == true).then_some(())
+    })
+    .await
+}
+
+fn received(inbox: &Inbox, needle: &str) -> Vec<(String, Vec<u8>)> {
+    inbox.lock().unwrap().iter().filter(|(t, _)| t.contains(needle)).cloned().collect()
+}
+
+/// The production path: a command queued while the device is offline is delivered once when it connects,
+/// an expired one never; online commands, RPC (reply, timeout, offline), NTP and data requests round-trip;
+/// every transition reaches RabbitMQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_round_trip_through_the_broker() {
+    let hub = TestHub::start_production().await;
+    hub.create_product("p1").await;
+    let secret = hub.register("p1", "d1").await;
+    let mut consumer = EventConsumer::bind(&amqp_url(), &hub.config.rabbitmq.exchange_prefix, "p1", "").await;
+    let base = "/api/v1/products/p1/devices/d1";
+
+    // Offline: logged and queued. The same Idempotency-Key returns the same command.
+    let send = |body: Value, key: Option<&str>| {
+        let mut rb = hub.request(Method::POST, &format!("{base}/commands")).json(&body);
+        if let Some(k) = key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        async move {
+            let resp = rb.send().await.unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, queued) = send(json!({"name": "reboot", "payload": {"delay": 1}, "ttl_secs": 120}), Some("k-1")).await;
+    assert_eq!(s, StatusCode::CREATED, "{queued}");
+    assert_eq!(queued["state"], "queued");
+    assert_eq!(queued["encoding"], "json");
+    let reboot = queued["request_id"].as_str().unwrap().to_string();
+    let (s, again) = send(json!({"name": "reboot", "payload": {"delay": 1}, "ttl_secs": 120}), Some("k-1")).await;
+    assert_eq!((s, again["request_id"].as_str()), (StatusCode::OK, Some(reboot.as_str())), "{again}");
+    let (s, other) = send(json!({"name": "reboot", "payload": {"delay": 2}}), Some("k-1")).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{other}");
+    let (s, short) = send(json!({"name": "short", "ttl_secs": 1}), None).await;
+    assert_eq!(s, StatusCode::CREATED, "{short}");
+    let short = short["request_id"].as_str().unwrap().to_string();
+    // Reserved names, bad payloads and unknown devices are refused naming the problem.
+    let (s, bad) = send(json!({"name": "$set_ntp"}), None).await;
+    assert_eq!((s, bad["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("name")), "{bad}");
+    let (s, bad) = send(json!({"name": "x", "payload": "***", "encoding": "base64"}), None).await;
+    assert_eq!((s, bad["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("payload")), "{bad}");
+    let (s, _) = hub.call(Method::POST, "/api/v1/products/p1/devices/nope/commands", Some(json!({"name": "x"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, offline) = hub.call(Method::POST, &format!("{base}/rpc"), Some(json!({"name": "getTemp"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{offline}");
+    assert!(offline["detail"].as_str().unwrap().contains("offline"), "{offline}");
+
+    // The short command expires while the device is away and is never delivered.
+    let expired = wait_state(&hub, "p1", "d1", &short, "expired").await;
+    assert!(expired["sent_at"].is_null(), "{expired}");
+
+    // The device connects (no SUBSCRIBE of its own: the broker's auto-subscription) and gets `reboot` once.
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1-main", "p1/d1", &secret).await;
+    let (inbox, device_task) = answering_device(client.clone(), eventloop, "d1");
+    let replied = wait_state(&hub, "p1", "d1", &reboot, "replied").await;
+    assert_eq!(B64.decode(replied["reply"]["payload"].as_str().unwrap()).unwrap(), b"ok:reboot");
+    assert_eq!(replied["attempts"], 1);
+    for stamp in ["sent_at", "replied_at"] {
+        assert!(replied[stamp].as_i64().unwrap() >= replied["created_at"].as_i64().unwrap(), "{stamp}: {replied}");
+    }
+    let got = received(&inbox, &reboot);
+    assert_eq!(got.len(), 1, "delivered once: {got:?}");
+    let (topic, payload) = &got[0];
+    let levels: Vec<&str> = topic.split('/').collect();
+    assert_eq!(&levels[..6], ["cmd", "p1", "d1", "reboot", "plain", reboot.as_str()]);
+    let expires_at_secs: i64 = levels[6].parse().unwrap();
+    assert_eq!(expires_at_secs, (replied["expires_at"].as_i64().unwrap() + 999) / 1000);
+    assert_eq!(payload, br#"{"delay":1}"#);
+    assert!(received(&inbox, &short).is_empty(), "an expired command is never delivered");
+    // RMQTT reports the delivery; it lands on the command even though the reply may have come first.
+    eventually(Duration::from_secs(10), "delivery report", || async {
+        let v = command(&hub, "p1", "d1", &reboot).await;
+        v["delivered_at"].as_i64().map(|_| ())
+    })
+    .await;
+
+    // Online: sent at once; base64 travels as base64 text with the `base64` encoding level.
+    let (s, blink) =
+        send(json!({"name": "blink", "payload": B64.encode([0u8, 255]), "encoding": "base64", "qos": 0}), None).await;
+    assert_eq!(s, StatusCode::CREATED, "{blink}");
+    // Sent before the response (the delivery report or even the reply may already be in).
+    assert!(blink["sent_at"].is_i64() && blink["state"] != "queued", "an online device gets it at once: {blink}");
+    let blink = blink["request_id"].as_str().unwrap().to_string();
+    wait_state(&hub, "p1", "d1", &blink, "replied").await;
+    let got = received(&inbox, &blink);
+    assert_eq!(got.len(), 1);
+    assert!(got[0].0.starts_with("cmd/p1/d1/blink/base64/"), "{}", got[0].0);
+    assert_eq!(got[0].1, b"AP8=");
+
+    // RPC: the HTTP call returns the device's reply; a silent device gives 504 naming the request.
+    let (s, rpc) =
+        hub.call(Method::POST, &format!("{base}/rpc"), Some(json!({"name": "getTemp", "payload": "c"}))).await;
+    assert_eq!(s, StatusCode::OK, "{rpc}");
+    assert_eq!(rpc["reply"]["json"], json!({"temp": 21.5}));
+    let rpc_id = rpc["request_id"].as_str().unwrap();
+    let logged = command(&hub, "p1", "d1", rpc_id).await;
+    assert_eq!((logged["mode"].as_str(), logged["state"].as_str()), (Some("rpc"), Some("replied")));
+    let started = std::time::Instant::now();
+    let (s, timeout) =
+        hub.call(Method::POST, &format!("{base}/rpc"), Some(json!({"name": "slow", "timeout_ms": 700}))).await;
+    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT, "{timeout}");
+    assert!(started.elapsed() >= Duration::from_millis(700) && started.elapsed() < Duration::from_secs(5));
+    let slow_id = timeout["detail"].as_str().unwrap().split('`').nth(3).unwrap().to_string();
+    wait_state(&hub, "p1", "d1", &slow_id, "expired").await;
+    let (s, bad) =
+        hub.call(Method::POST, &format!("{base}/rpc"), Some(json!({"name": "x", "timeout_ms": 31_000}))).await;
+    assert_eq!((s, bad["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("timeout_ms")), "{bad}");
+
+    // NTP. RMQTT neither matches nor routes topics with a `$` level after the first (it deviates from MQTT
+    // §4.7.2 there; EMQX does not), so the device's `get/.../$ntp/...` cannot reach iothub through it. The
+    // request comes as EMQX 5 would send it; iothub answers through the real broker API.
+    let ntp_request = json!({
+        "event": "message.publish", "id": "0006", "clientid": "d1-main", "username": "p1/d1",
+        "payload": B64.encode(r#"{"device_time":1234567}"#), "peerhost": "127.0.0.1", "topic": "get/p1/d1/$ntp/n1",
+        "qos": 1, "flags": {"retain": false, "dup": false}, "publish_received_at": iothub::clock::now_ms(),
+        "timestamp": iothub::clock::now_ms(), "node": "emqx@127.0.0.1",
+    });
+    let r = hub
+        .http
+        .post(format!("{}/broker/emqx5/events", hub.base))
+        .bearer_auth(&hub.state.hook_token)
+        .json(&ntp_request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    eventually(Duration::from_secs(10), "$set_ntp published", || async {
+        let m = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap().text().await.unwrap();
+        m.lines().any(|l| l.starts_with("iothub_internal_commands_total{name=\"$set_ntp\"} 1")).then_some(())
+    })
+    .await;
+
+    // A data request goes to business systems; `$` resources never do.
+    client.publish("get/p1/d1/weather/w1", QoS::AtLeastOnce, false, r#"{"city":"Lyon"}"#).await.unwrap();
+
+    let events = consumer
+        .collect_until(Duration::from_secs(20), |seen| {
+            let has = |kind: &str, f: &dyn Fn(&Value) -> bool| seen.iter().any(|(k, v)| k == kind && f(v));
+            has("data_request", &|v| v["resource"] == "weather")
+                && has("cmd_resp", &|v| v["request_id"] == reboot.as_str())
+                && has("command_state", &|v| v["request_id"] == reboot.as_str() && v["state"] == "replied")
+                && has("command_state", &|v| v["request_id"] == short.as_str() && v["state"] == "expired")
+        })
+        .await;
+    let states: Vec<&str> = events
+        .iter()
+        .filter(|(k, v)| k == "command_state" && v["request_id"] == reboot.as_str())
+        .map(|(_, v)| v["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.first(), Some(&"queued"), "{states:?}");
+    assert!(states.contains(&"sent") && states.contains(&"replied"), "{states:?}");
+    assert!(events.iter().all(|(k, v)| k != "data_request" || !v["resource"].as_str().unwrap().starts_with('$')));
+    let resp = events.iter().find(|(k, v)| k == "cmd_resp" && v["request_id"] == reboot.as_str()).unwrap();
+    assert_eq!(B64.decode(resp.1["payload"].as_str().unwrap()).unwrap(), b"ok:reboot");
+
+    // The log lists per device, by state.
+    let (s, page) = hub.call(Method::GET, &format!("{base}/commands?state=expired"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = page["items"].as_array().unwrap().iter().map(|c| c["request_id"].as_str().unwrap()).collect();
+    assert!(
+        ids.contains(&short.as_str()) && ids.contains(&slow_id.as_str()) && !ids.contains(&reboot.as_str()),
+        "{ids:?}"
+    );
+
+    // Reconnecting does not send a replied command again.
+    assert_eq!(received(&inbox, &reboot).len(), 1);
+    client.disconnect().await.unwrap();
+    let _ = device_task.await;
+    consumer.close().await;
+    hub.stop().await;
+}
+
+/// A command with a retry policy is resent (same request id) until the device answers, and an
+/// unanswered one stops after `max_attempts`; the embedded profile runs the same log on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreplied_commands_are_retried_by_policy() {
+    let hub = TestHub::start_with(Db::Sqlite, |c| c.commands.sweep_ms = 200).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "d", "p/d", &secret).await;
+    let (inbox, device_task) = answering_device(client.clone(), eventloop, "d");
+    wait_online(&hub, "p", "d").await;
+    let (s, slow) = hub
+        .call(
+            Method::POST,
+            "/api/v1/products/p/devices/d/commands",
+            Some(json!({"name": "slow", "retry": {"interval_secs": 1, "max_attempts": 3}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{slow}");
+    let id = slow["request_id"].as_str().unwrap().to_string();
+    let done = eventually(Duration::from_secs(15), "three attempts", || async {
+        let v = command(&hub, "p", "d", &id).await;
+        (v["attempts"] == 3).then_some(v)
+    })
+    .await;
+    assert_eq!(done["state"], "delivered", "{done}");
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(received(&inbox, &id).len(), 3, "three sends, then no more");
+    assert_eq!(command(&hub, "p", "d", &id).await["attempts"], 3);
+    // A device answering (here by hand, late) still completes it.
+    client.publish(format!("cmd_resp/p/d/slow/{id}/late1"), QoS::AtLeastOnce, false, "done").await.unwrap();
+    wait_state(&hub, "p", "d", &id, "replied").await;
+    client.disconnect().await.unwrap();
+    let _ = device_task.await;
+    hub.stop().await;
+}
+
+/// Two iothub instances share PostgreSQL, Redis and one broker: an RPC taken by instance B is answered by
+/// a device whose reply reaches instance A (the broker's web-hook points there); B's caller gets it over
+/// Redis pub/sub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_is_answered_across_instances() {
+    let broker_token = format!("bt{}", uuid::Uuid::new_v4().simple());
+    let a = TestHub::start_production_with(|c| c.broker.api_key = broker_token.clone()).await;
+    let (prefix, exchanges) = (a.config.redis.key_prefix.clone(), a.config.rabbitmq.exchange_prefix.clone());
+    let b = TestHub::start_with(Db::Sqlite, |c| {
+        c.database.url = a.pg_url().unwrap().to_string();
+        c.redis.url = redis_url();
+        c.redis.key_prefix = prefix;
+        c.rabbitmq.url = amqp_url();
+        c.rabbitmq.exchange_prefix = exchanges;
+        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
+        c.broker.api_url = format!("http://{}", a.config.broker.embedded.api_listen);
+        c.broker.api_key = broker_token.clone();
+        c.broker.hook_token = "unused-by-this-test".into();
+        c.auth.jwt_secret = "x".repeat(32);
+        c.auth.bootstrap_admin_key = false;
+    })
+    .await;
+    a.create_product("p").await;
+    let secret = a.register("p", "d").await;
+    let (client, eventloop) = must_connect(a.mqtt_addr, "d", "p/d", &secret).await;
+    let (_inbox, device_task) = answering_device(client.clone(), eventloop, "d");
+    wait_online(&a, "p", "d").await;
+
+    // B takes the RPC with A's admin key (same database, same keys).
+    let resp = b
+        .http
+        .post(format!("{}/api/v1/products/p/devices/d/rpc", b.base))
+        .bearer_auth(&a.admin_key)
+        .json(&json!({"name": "getTemp", "timeout_ms": 5000}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["reply"]["json"], json!({"temp": 21.5}));
+    // Several in a row, so a reply that only a final database read found would show up as slow.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let resp = b
+            .http
+            .post(format!("{}/api/v1/products/p/devices/d/rpc", b.base))
+            .bearer_auth(&a.admin_key)
+            .json(&json!({"name": "getTemp", "timeout_ms": 5000}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_secs(2), "answered over pub/sub, not at the timeout");
+    }
+    client.disconnect().await.unwrap();
+    let _ = device_task.await;
+    b.stop().await;
+    a.stop().await;
+}
