@@ -33,22 +33,38 @@ use crate::domain::history::HistoryService;
 use crate::domain::ingest::{IngestService, IngestSettings, IN_FLIGHT_TTL};
 use crate::domain::registry::RegistryService;
 use crate::domain::relay::{self, RelaySettings};
+use crate::domain::tags::TagService;
 use crate::ports::broker::BrokerApi;
 use crate::ports::commands::CommandStore;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
 use crate::ports::replies::ReplyHub;
 use crate::ports::store::Store;
+use crate::ports::tags::TagStore;
 use crate::secrets::random_token;
 use crate::telemetry;
 
 /// Opens the configured store (PostgreSQL or SQLite, by URL scheme), optionally migrating it.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(open_stores(config, migrate).await?.0)
+    Ok(open_stores(config, migrate).await?.store)
 }
 
-/// The store and the command log, which live in the same database.
-pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn CommandStore>)> {
+/// The ports backed by the one database.
+pub struct Stores {
+    pub store: Arc<dyn Store>,
+    pub commands: Arc<dyn CommandStore>,
+    pub tags: Arc<dyn TagStore>,
+}
+
+impl Stores {
+    fn of<S: Store + CommandStore + TagStore>(store: S) -> Self {
+        let store = Arc::new(store);
+        Self { store: store.clone(), commands: store.clone(), tags: store }
+    }
+}
+
+/// The store, command log and tags, which live in the same database.
+pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<Stores> {
     let url = config.database_url();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store =
@@ -56,15 +72,13 @@ pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<(Arc<
         if migrate {
             store.migrate().await.context("migrating PostgreSQL")?;
         }
-        let store = Arc::new(store);
-        Ok((store.clone(), store))
+        Ok(Stores::of(store))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(&url, config.database.max_connections).await.context("opening SQLite")?;
         if migrate {
             store.migrate().await.context("migrating SQLite")?;
         }
-        let store = Arc::new(store);
-        Ok((store.clone(), store))
+        Ok(Stores::of(store))
     } else {
         anyhow::bail!("database.url must start with postgres://, postgresql:// or sqlite:")
     }
@@ -133,7 +147,8 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let (store, command_log) = open_stores(&config, config.database.migrate_on_start).await?;
+        let Stores { store, commands: command_log, tags: tag_store } =
+            open_stores(&config, config.database.migrate_on_start).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
             persisted_secret(&config.data_dir.join("jwt-secret"))?
@@ -239,13 +254,18 @@ impl Application {
                 outbox_lease_ms: lease_ms,
                 dispatch_lease_ms: config.commands.dispatch_lease_ms as i64,
                 sweep_every: Duration::from_millis(config.commands.sweep_ms),
+                max_rpc_timeout: crate::domain::commands::MAX_RPC_TIMEOUT
+                    .min(Duration::from_secs(config.http.request_timeout_secs).saturating_sub(Duration::from_secs(2)))
+                    .max(Duration::from_secs(1)),
             },
         );
+        let tags = TagService::new(tag_store, commands.clone());
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
             relay,
             commands.clone(),
+            tags.clone(),
             IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
         );
 
@@ -258,6 +278,7 @@ impl Application {
             api_keys,
             ingest,
             commands,
+            tags,
             dedup,
             bus,
             hook_token,

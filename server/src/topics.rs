@@ -365,6 +365,23 @@ pub fn command_topic(
     topic
 }
 
+/// The topic a command to every device of a tag goes out on (devices subscribe to it for each of their
+/// tags): `tags/{p}/{tag}/cmd/{name}/{encoding}/{requestId}[/{expiresAt}]`.
+pub fn tag_command_topic(
+    product: &str,
+    tag: &str,
+    name: &str,
+    encoding: &str,
+    request_id: &str,
+    expires_at_ms: Option<i64>,
+) -> String {
+    let mut topic = format!("tags/{product}/{tag}/cmd/{name}/{encoding}/{request_id}");
+    if let Some(ms) = expires_at_ms {
+        topic.push_str(&format!("/{}", (ms + 999).div_euclid(1000)));
+    }
+    topic
+}
+
 /// A command topic as the broker reports its delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Downstream<'a> {
@@ -421,6 +438,10 @@ mod tests {
         ] {
             assert_eq!(parse_downstream(bad), None, "{bad}");
         }
+        let tagged = tag_command_topic("p", "floor-3", "reboot", "plain", "r3", Some(1_000));
+        assert_eq!(tagged, "tags/p/floor-3/cmd/reboot/plain/r3/1");
+        assert!(device_may("p", "d", Action::Subscribe, "tags/p/floor-3/cmd/+/+/+/#"));
+        assert!(filter_permits("tags/p/floor-3/cmd/+/+/+/#", Action::Publish, &tagged));
         // Every command topic is covered by the device's subscription grant and its auto-subscription.
         for topic in [&t, &rpc] {
             let auto = AUTO_SUBSCRIPTIONS.iter().map(|f| f.replace("${username}", "p/d")).collect::<Vec<_>>();

@@ -20,7 +20,7 @@ use crate::ports::store::OutboxRecord;
 
 const COLUMNS: &str = "product_id, device_id, request_id, mode, name, payload_format, payload, qos, idempotency_key, \
      state, created_at, expires_at, sent_at, delivered_at, replied_at, expired_at, failed_at, failure, attempts, \
-     max_attempts, retry_interval_ms, next_attempt_at, reply, reply_message_id";
+     max_attempts, retry_interval_ms, next_attempt_at, reply, reply_message_id, tag";
 
 /// Statements shared by both stores, with `$n` placeholders.
 struct Sql {
@@ -34,6 +34,8 @@ struct Sql {
     expired: String,
     failed: String,
     expired_list: String,
+    insert_tag: String,
+    tag_command: String,
 }
 
 const PK: &str = "product_id = $1 AND device_id = $2 AND request_id = $3";
@@ -53,18 +55,24 @@ impl Sql {
                 "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND device_id = $2 AND idempotency_key = $3"
             )),
             get: q(format!("SELECT {COLUMNS} FROM device_commands WHERE {PK}")),
+            // Fenced by the claim: only the dispatcher whose lease is still on the row records the send (a
+            // reply in between clears the lease, and a late `sent` then changes nothing).
             sent: q(format!(
-                "UPDATE device_commands SET state = CASE WHEN state = 'queued' THEN 'sent' ELSE state END,
+                "UPDATE device_commands SET
+                     state = CASE WHEN state <> 'queued' THEN state
+                                  WHEN delivered_at IS NOT NULL THEN 'delivered' ELSE 'sent' END,
                      sent_at = $4, attempts = attempts + 1, next_attempt_at = $5
-                 WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
+                 WHERE {PK} AND {OPEN} AND next_attempt_at = $6 RETURNING {COLUMNS}"
             )),
             postponed: q(format!(
-                "UPDATE device_commands SET next_attempt_at = $4 WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
+                "UPDATE device_commands SET next_attempt_at = $4 WHERE {PK} AND {OPEN} AND next_attempt_at = $5
+                 RETURNING {COLUMNS}"
             )),
             // A delivery report may overtake the `sent` bookkeeping (fast devices), or the reply (webhooks
-            // race): the timestamp is kept, the state only moves forward.
+            // race): the timestamp is kept, the state only moves forward (a queued command becomes
+            // `delivered` when its `sent` is recorded, so consumers see both steps in order).
             delivered: q(format!(
-                "UPDATE device_commands SET state = CASE WHEN state IN ('queued', 'sent') THEN 'delivered' ELSE state END,
+                "UPDATE device_commands SET state = CASE WHEN state = 'sent' THEN 'delivered' ELSE state END,
                      delivered_at = $4
                  WHERE {PK} AND delivered_at IS NULL RETURNING {COLUMNS}"
             )),
@@ -82,6 +90,19 @@ impl Sql {
                 "UPDATE device_commands SET state = 'failed', failed_at = $4, failure = $5, next_attempt_at = NULL
                  WHERE {PK} AND {OPEN} RETURNING {COLUMNS}"
             )),
+            insert_tag: q(format!(
+                "INSERT INTO device_commands (product_id, device_id, request_id, mode, name, payload_format, payload,
+                     qos, state, created_at, expires_at, max_attempts, next_attempt_at, tag)
+                 SELECT t.product_id, t.device_id, $2, 'cmd', $3, $4, $5, $6, 'queued', $7, $8, 1,
+                        CASE WHEN d.online THEN $9 ELSE NULL END, t.tag
+                 FROM device_tags t JOIN devices d ON d.product_id = t.product_id AND d.device_id = t.device_id
+                 WHERE t.product_id = $1 AND t.tag = $10 AND d.status = 'active'
+                 RETURNING {COLUMNS}"
+            )),
+            tag_command: q(format!(
+                "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND request_id = $2 AND tag IS NOT NULL
+                 ORDER BY device_id"
+            )),
             expired_list: q(format!(
                 "SELECT product_id, device_id, request_id FROM device_commands
                  WHERE expires_at IS NOT NULL AND expires_at <= $1 AND {OPEN} ORDER BY expires_at LIMIT $2"
@@ -89,6 +110,11 @@ impl Sql {
         }
     }
 }
+
+/// Due: its time came (retry, postponed publish, a dead dispatcher's lease), or it is queued for a device
+/// that is online now (its connect's own claim failed or came before the command was committed).
+const DUE_PG: &str = "((c.next_attempt_at <= $1 AND c.state IN ('queued', 'sent', 'delivered'))
+     OR (c.state = 'queued' AND c.next_attempt_at IS NULL))";
 
 static PG_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('$'));
 static SQLITE_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('?'));
@@ -102,8 +128,10 @@ macro_rules! transition_query {
             sqlx::query(text).bind(c.device.product.as_str()).bind(c.device.device.as_str()).bind(c.request_id.as_str())
         };
         match &c.transition {
-            Transition::Sent { at, next_attempt_at } => q(&sql.sent).bind(*at).bind(*next_attempt_at),
-            Transition::Postponed { next_attempt_at } => q(&sql.postponed).bind(*next_attempt_at),
+            Transition::Sent { at, next_attempt_at, lease } => {
+                q(&sql.sent).bind(*at).bind(*next_attempt_at).bind(*lease)
+            }
+            Transition::Postponed { next_attempt_at, lease } => q(&sql.postponed).bind(*next_attempt_at).bind(*lease),
             Transition::Delivered { at } => q(&sql.delivered).bind(*at),
             Transition::Replied { at, mode, payload, message_id } => {
                 q(&sql.replied).bind(*at).bind(payload.as_slice()).bind(message_id.as_str()).bind(mode.as_str())
@@ -148,7 +176,25 @@ macro_rules! command_row {
             next_attempt_at: r.try_get("next_attempt_at")?,
             reply: r.try_get("reply")?,
             reply_message_id: r.try_get("reply_message_id")?,
+            tag: r.try_get("tag")?,
         })
+    }};
+}
+
+macro_rules! insert_tag_query {
+    ($sql:expr, $c:expr, $now:expr) => {{
+        let c: &NewTagCommand = $c;
+        sqlx::query(&$sql.insert_tag)
+            .bind(c.product.as_str())
+            .bind(c.request_id.as_str())
+            .bind(c.name.as_str())
+            .bind(c.format.as_str())
+            .bind(c.payload.as_slice())
+            .bind(c.qos as i16)
+            .bind($now)
+            .bind(c.expires_at)
+            .bind(c.leased_until)
+            .bind(c.tag.as_str())
     }};
 }
 
@@ -171,6 +217,19 @@ macro_rules! insert_query {
             .bind(c.retry.map(|r| r.interval_ms))
             .bind(c.leased_until)
     }};
+}
+
+/// Rows are locked in one global order (primary key), so concurrent transactions never deadlock.
+fn in_lock_order(changes: &[CommandChange]) -> Vec<&CommandChange> {
+    let mut ordered: Vec<&CommandChange> = changes.iter().collect();
+    ordered.sort_by(|a, b| {
+        (a.device.product.as_str(), a.device.device.as_str(), a.request_id.as_str()).cmp(&(
+            b.device.product.as_str(),
+            b.device.device.as_str(),
+            b.request_id.as_str(),
+        ))
+    });
+    ordered
 }
 
 fn device_gone(e: sqlx::Error, device: &DeviceRef) -> Error {
@@ -299,7 +358,7 @@ impl CommandStore for PgStore {
                     .await?
             }
             ClaimScope::Due => {
-                let sql = claim("c.next_attempt_at <= $1 AND c.state IN ('queued', 'sent', 'delivered')");
+                let sql = claim(DUE_PG);
                 sqlx::query(&sql).bind(now).bind(lease_ms).bind(limit as i64).fetch_all(self.pool()).await?
             }
         };
@@ -312,6 +371,30 @@ impl CommandStore for PgStore {
     async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>> {
         let rows = sqlx::query(&PG_SQL.expired_list).bind(now).bind(limit as i64).fetch_all(self.pool()).await?;
         rows.iter().map(|r| key_row!(r)).collect()
+    }
+
+    #[tracing::instrument(skip_all, fields(product = %command.product, tag = %command.tag), name = "pg.insert_tag_command")]
+    async fn insert_tag_command(
+        &self,
+        command: &NewTagCommand,
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)> {
+        let mut tx = self.pool().begin().await?;
+        let rows = insert_tag_query!(PG_SQL, command, now).fetch_all(&mut *tx).await?;
+        let records = rows.iter().map(|r| command_row!(r)).collect::<Result<Vec<_>>>()?;
+        let events = records.iter().map(queued_event).collect();
+        let outbox = pg_outbox(&mut tx, events, now, lease_ms).await?;
+        tx.commit().await?;
+        Ok((records, outbox))
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.tag_command")]
+    async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>> {
+        let rows =
+            sqlx::query(&PG_SQL.tag_command).bind(product.as_str()).bind(request_id).fetch_all(self.pool()).await?;
+        rows.iter().map(|r| command_row!(r)).collect()
     }
 
     #[tracing::instrument(skip_all, fields(changes = changes.len()), name = "pg.change_commands")]
@@ -328,7 +411,7 @@ impl CommandStore for PgStore {
         }
         let mut tx = self.pool().begin().await?;
         let mut events = Vec::new();
-        for change in changes {
+        for change in in_lock_order(changes) {
             if let Some(row) = transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
                 let record = command_row!(&row)?;
                 events.extend(events_for(&record, &change.transition));
@@ -496,7 +579,7 @@ impl CommandStore for SqliteStore {
                 }
             }
             ClaimScope::Due => {
-                let sql = pick("c.next_attempt_at <= ?1 AND c.state IN ('queued', 'sent', 'delivered')");
+                let sql = pick(&DUE_PG.replace('$', "?"));
                 let rows = sqlx::query(&sql).bind(now).bind(lease_ms).bind(limit as i64).fetch_all(&mut *tx).await?;
                 for row in &rows {
                     claimed.push(command_row!(row)?);
@@ -514,6 +597,33 @@ impl CommandStore for SqliteStore {
         rows.iter().map(|r| key_row!(r)).collect()
     }
 
+    #[tracing::instrument(skip_all, fields(product = %command.product, tag = %command.tag), name = "sqlite.insert_tag_command")]
+    async fn insert_tag_command(
+        &self,
+        command: &NewTagCommand,
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)> {
+        let mut tx = self.writer().begin().await?;
+        let rows = insert_tag_query!(SQLITE_SQL, command, now).fetch_all(&mut *tx).await?;
+        let records = rows.iter().map(|r| command_row!(r)).collect::<Result<Vec<_>>>()?;
+        let events = records.iter().map(queued_event).collect();
+        let outbox = sqlite_outbox(&mut tx, events, now, lease_ms).await?;
+        tx.commit().await?;
+        Ok((records, outbox))
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.tag_command")]
+    async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>> {
+        let rows = sqlx::query(&SQLITE_SQL.tag_command)
+            .bind(product.as_str())
+            .bind(request_id)
+            .fetch_all(self.reader())
+            .await?;
+        rows.iter().map(|r| command_row!(r)).collect()
+    }
+
     #[tracing::instrument(skip_all, fields(changes = changes.len()), name = "sqlite.change_commands")]
     async fn change_commands(
         &self,
@@ -528,7 +638,7 @@ impl CommandStore for SqliteStore {
         }
         let mut tx = self.writer().begin().await?;
         let mut events = Vec::new();
-        for change in changes {
+        for change in in_lock_order(changes) {
             if let Some(row) = transition_query!(&SQLITE_SQL, change).fetch_optional(&mut *tx).await? {
                 let record = command_row!(&row)?;
                 events.extend(events_for(&record, &change.transition));

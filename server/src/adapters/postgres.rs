@@ -197,6 +197,8 @@ impl Store for PgStore {
             "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices
              WHERE product_id = $1 AND ($2::TEXT IS NULL OR status = $2) AND ($3::TEXT IS NULL OR device_id > $3)
                AND ($5::BOOLEAN IS NULL OR online = $5)
+               AND ($6::TEXT IS NULL OR EXISTS (SELECT 1 FROM device_tags t WHERE t.product_id = devices.product_id
+                    AND t.device_id = devices.device_id AND t.tag = $6))
              ORDER BY device_id LIMIT $4",
         )
         .bind(product.as_str())
@@ -204,6 +206,7 @@ impl Store for PgStore {
         .bind(filter.after.as_ref().map(|a| a.as_str()))
         .bind(i64::from(filter.limit))
         .bind(filter.online)
+        .bind(filter.tag.as_deref())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(device_row).collect()

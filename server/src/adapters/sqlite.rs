@@ -194,6 +194,8 @@ impl Store for SqliteStore {
             "SELECT product_id, device_id, status, created_at, updated_at, online, last_seen_at FROM devices
              WHERE product_id = ?1 AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR device_id > ?3)
                AND (?5 IS NULL OR online = ?5)
+               AND (?6 IS NULL OR EXISTS (SELECT 1 FROM device_tags t WHERE t.product_id = devices.product_id
+                    AND t.device_id = devices.device_id AND t.tag = ?6))
              ORDER BY device_id LIMIT ?4",
         )
         .bind(product.as_str())
@@ -201,6 +203,7 @@ impl Store for SqliteStore {
         .bind(filter.after.as_ref().map(|a| a.as_str()))
         .bind(i64::from(filter.limit))
         .bind(filter.online)
+        .bind(filter.tag.as_deref())
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(device_row).collect()

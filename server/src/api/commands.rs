@@ -1,4 +1,5 @@
-//! `/api/v1/products/{p}/devices/{d}/commands` and `/rpc`: business systems controlling devices.
+//! `/api/v1/products/{p}/devices/{d}/commands`, `/rpc` and `/tags`, and tag-wide commands: business systems
+//! controlling devices.
 //!
 //! Payloads come in three formats: `plain` (a UTF-8 string sent as-is), `base64` (binary; validated here,
 //! sent as base64 text with the topic's encoding level `base64`, as devices of the reference IotHub
@@ -15,7 +16,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{device_ref, ApiJson, ApiQuery, ReadAccess, WriteAccess};
+use super::extract::{device_ref, product_id, ApiJson, ApiQuery, ReadAccess, WriteAccess};
 use super::products::{next_page, page_limit};
 use super::SharedState;
 use crate::domain::commands::{CommandRequest, DEFAULT_RPC_TIMEOUT};
@@ -63,7 +64,9 @@ pub struct SendRpc {
     pub payload: serde_json::Value,
     pub encoding: Option<PayloadFormat>,
     pub qos: Option<u8>,
-    /// How long to wait for the device's reply, in ms (1 - 30000, default 5000).
+    /// How long to wait for the device's reply, in ms (default 5000). At most 30000, and at most
+    /// `http.request_timeout_secs` minus 2 s (28000 by default), so the answer is always a 504, never a
+    /// cut-off request.
     pub timeout_ms: Option<u64>,
 }
 
@@ -326,6 +329,132 @@ pub async fn list(
     let mut items: Vec<Command> = state.commands.list(&device, &filter).await?.into_iter().map(Command::from).collect();
     let next_cursor = next_page(&mut items, limit, encode_cursor);
     Ok(Json(CommandPage { items, next_cursor }))
+}
+
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tags {
+    /// Tag names (id rules: `[A-Za-z0-9_-]{1,64}`), at most 32; order and duplicates do not matter.
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceTagsView {
+    pub tags: Vec<String>,
+    /// Increments with every change; devices compare it with their own.
+    pub tags_version: i64,
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product_id}/devices/{device_id}/tags", tag = "commands",
+    params(("product_id" = String, Path), ("device_id" = String, Path)),
+    responses((status = 200, body = DeviceTagsView), (status = 404, body = Problem)),
+    security(("api_key" = ["read"])))]
+pub async fn get_tags(
+    _: ReadAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+) -> Result<Json<DeviceTagsView>> {
+    let tags = state.tags.get(&device_ref(p, d)?).await?;
+    Ok(Json(DeviceTagsView { tags: tags.tags, tags_version: tags.version }))
+}
+
+#[utoipa::path(put, path = "/api/v1/products/{product_id}/devices/{device_id}/tags", tag = "commands",
+    params(("product_id" = String, Path), ("device_id" = String, Path)), request_body = Tags,
+    responses((status = 200, body = DeviceTagsView, description = "Stored with a new version; pushed to the device (`$set_tags`) if online"),
+        (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn set_tags(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, d)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Tags>,
+) -> Result<Json<DeviceTagsView>> {
+    let tags = state.tags.set(&device_ref(p, d)?, body.tags).await?;
+    Ok(Json(DeviceTagsView { tags: tags.tags, tags_version: tags.version }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendTagCommand {
+    pub name: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+    pub encoding: Option<PayloadFormat>,
+    pub qos: Option<u8>,
+    /// Offline devices of the tag get the command when they connect within this many seconds.
+    pub ttl_secs: Option<i64>,
+}
+
+/// A command to every device of a tag, per device.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TagCommand {
+    pub request_id: String,
+    pub tag: String,
+    pub name: String,
+    /// Devices of the tag when the command was sent.
+    pub total: usize,
+    pub replied: usize,
+    /// Devices whose command is neither replied, expired nor failed.
+    pub pending: usize,
+    pub devices: Vec<Command>,
+}
+
+fn tag_command_view(tag: &str, rows: Vec<CommandRecord>, request_id: String, name: String) -> TagCommand {
+    let replied = rows.iter().filter(|r| r.state == CommandState::Replied).count();
+    let pending = rows.iter().filter(|r| !r.state.is_terminal()).count();
+    TagCommand {
+        request_id,
+        tag: tag.to_string(),
+        name,
+        total: rows.len(),
+        replied,
+        pending,
+        devices: rows.into_iter().map(Command::from).collect(),
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/products/{product_id}/tags/{tag}/commands", tag = "commands",
+    params(("product_id" = String, Path), ("tag" = String, Path)), request_body = SendTagCommand,
+    responses((status = 201, body = TagCommand, description = "One request id; one command per device of the tag"),
+        (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("api_key" = ["write"])))]
+pub async fn send_to_tag(
+    _: WriteAccess,
+    State(state): State<SharedState>,
+    Path((p, tag)): Path<(String, String)>,
+    ApiJson(body): ApiJson<SendTagCommand>,
+) -> Result<(StatusCode, Json<TagCommand>)> {
+    let product = product_id(p)?;
+    let (format, payload) = payload_bytes(body.payload, body.encoding)?;
+    let name = body.name.clone();
+    let request = CommandRequest {
+        name: body.name,
+        format,
+        payload,
+        qos: body.qos.unwrap_or(1),
+        ttl_ms: body.ttl_secs.map(|s| s.saturating_mul(1000)),
+        idempotency_key: None,
+        retry: None,
+    };
+    let rows = state.commands.submit_to_tag(&product, &tag, request).await?;
+    let request_id = rows.first().map(|r| r.request_id.clone()).unwrap_or_default();
+    Ok((StatusCode::CREATED, Json(tag_command_view(&tag, rows, request_id, name))))
+}
+
+#[utoipa::path(get, path = "/api/v1/products/{product_id}/tag-commands/{request_id}", tag = "commands",
+    params(("product_id" = String, Path), ("request_id" = String, Path)),
+    responses((status = 200, body = TagCommand), (status = 404, body = Problem)),
+    security(("api_key" = ["read"])))]
+pub async fn get_tag_command(
+    _: ReadAccess,
+    State(state): State<SharedState>,
+    Path((p, request_id)): Path<(String, String)>,
+) -> Result<Json<TagCommand>> {
+    let product = product_id(p)?;
+    let rows = state.commands.tag_command(&product, &request_id).await?;
+    let (tag, name) = (rows[0].tag.clone().unwrap_or_default(), rows[0].name.clone());
+    Ok(Json(tag_command_view(&tag, rows, request_id, name)))
 }
 
 #[cfg(test)]

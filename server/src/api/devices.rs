@@ -90,6 +90,11 @@ pub struct Device {
     /// Credential metadata only; hashes and secrets are never returned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Vec<Credential>>,
+    /// The device's tags (single-device reads only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags_version: Option<i64>,
 }
 
 /// One broker session of a device.
@@ -154,6 +159,8 @@ impl Device {
             last_seen_at: d.last_seen_at,
             connections: None,
             credentials: credentials.map(|c| c.into_iter().map(Credential::from).collect()),
+            tags: None,
+            tags_version: None,
         }
     }
 }
@@ -207,6 +214,8 @@ pub struct ListQuery {
     pub status: Option<String>,
     /// `true`: only devices with an open broker session; `false`: only offline ones.
     pub online: Option<bool>,
+    /// Only devices with this tag.
+    pub tag: Option<String>,
     pub cursor: Option<String>,
     /// Page size, 1-1000 (default 100).
     pub limit: Option<u32>,
@@ -280,7 +289,7 @@ pub async fn list(
         .transpose()?;
     let mut items = state
         .registry
-        .list_devices(&product, &DeviceFilter { status, online: q.online, after, limit: limit + 1 })
+        .list_devices(&product, &DeviceFilter { status, online: q.online, tag: q.tag, after, limit: limit + 1 })
         .await?;
     let next_cursor = next_page(&mut items, limit, |d| d.device.to_string());
     Ok(Json(DevicePage { items: items.into_iter().map(|d| Device::from_record(d, None)).collect(), next_cursor }))
@@ -299,6 +308,8 @@ pub async fn get(
     let connections = state.history.connections(&device).await?;
     let mut view = Device::from_record(record, Some(credentials));
     view.connections = Some(session_list(connections));
+    let tags = state.tags.get(&device).await?;
+    (view.tags, view.tags_version) = (Some(tags.tags), Some(tags.version));
     Ok(Json(view))
 }
 

@@ -36,6 +36,7 @@ use crate::domain::commands::CommandService;
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::IngestService;
 use crate::domain::registry::RegistryService;
+use crate::domain::tags::TagService;
 use crate::ports::broker::BrokerApi;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
@@ -50,6 +51,7 @@ pub struct AppState {
     pub history: HistoryService,
     pub ingest: IngestService,
     pub commands: CommandService,
+    pub tags: TagService,
     pub dedup: Arc<dyn Deduplicator>,
     pub bus: Arc<dyn EventBus>,
     pub hook_token: String,
@@ -76,6 +78,9 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/products/{product_id}/devices/{device_id}/commands", post(commands::send).get(commands::list))
         .route("/products/{product_id}/devices/{device_id}/commands/{request_id}", get(commands::get))
         .route("/products/{product_id}/devices/{device_id}/rpc", post(commands::rpc))
+        .route("/products/{product_id}/devices/{device_id}/tags", get(commands::get_tags).put(commands::set_tags))
+        .route("/products/{product_id}/tags/{tag}/commands", post(commands::send_to_tag))
+        .route("/products/{product_id}/tag-commands/{request_id}", get(commands::get_tag_command))
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/api-keys/{key_id}", delete(api_keys::revoke))

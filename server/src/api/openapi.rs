@@ -24,6 +24,7 @@ use super::{api_keys, commands, devices, products, telemetry, tokens};
         tokens::issue,
         telemetry::list_messages, telemetry::get_message, telemetry::get_status, telemetry::stream,
         commands::send, commands::rpc, commands::get, commands::list,
+        commands::get_tags, commands::set_tags, commands::send_to_tag, commands::get_tag_command,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),

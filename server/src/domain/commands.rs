@@ -22,13 +22,13 @@ use crate::clock::now_ms;
 use crate::domain::events;
 use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
-use crate::ids::DeviceRef;
+use crate::ids::{DeviceRef, ProductId};
 use crate::ports::broker::{BrokerApi, OutboundMessage, Published};
 use crate::ports::commands::*;
 use crate::ports::event_bus::BusEvent;
 use crate::ports::replies::{reply_key, Reply, ReplyHub};
 use crate::ports::store::{DeviceStatus, Store};
-use crate::topics::{command_topic, is_internal_name, is_name};
+use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic};
 
 /// Largest command payload accepted (brokers default to 1 MiB packets; topic and headers need room).
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -50,6 +50,9 @@ pub struct CommandSettings {
     /// How long a claim protects a command being published from other dispatchers.
     pub dispatch_lease_ms: i64,
     pub sweep_every: Duration,
+    /// Longest RPC wait: at most [`MAX_RPC_TIMEOUT`], and short enough that the HTTP request timeout never
+    /// cuts an RPC off before it can answer 504.
+    pub max_rpc_timeout: Duration,
 }
 
 /// A business caller's command, before validation.
@@ -91,6 +94,13 @@ struct Inner {
 fn events_for(record: &CommandRecord, transition: &Transition) -> Vec<BusEvent> {
     match transition {
         Transition::Postponed { .. } => Vec::new(),
+        // A delivery report that overtook the first send left the state alone; both steps are announced now.
+        Transition::Sent { .. } if record.state == CommandState::Delivered && record.attempts == 1 => {
+            vec![
+                events::command_state(&CommandRecord { state: CommandState::Sent, ..record.clone() }),
+                events::command_state(record),
+            ]
+        }
         Transition::Delivered { .. } if record.state != CommandState::Delivered => Vec::new(),
         Transition::Replied { at, payload, message_id, .. } => {
             vec![events::command_state(record), events::cmd_resp(record, message_id, payload, *at)]
@@ -205,9 +215,9 @@ impl CommandService {
             inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
         inner.relay.hand_off(outbox);
         if !created {
-            if (record.name.as_str(), record.payload.as_slice(), record.mode)
-                != (command.name.as_str(), command.payload.as_slice(), mode)
-            {
+            let same = (record.name.as_str(), record.payload.as_slice(), record.mode, record.format, record.qos)
+                == (command.name.as_str(), command.payload.as_slice(), mode, command.format, command.qos);
+            if !same {
                 return Err(Error::Conflict(
                     "Idempotency-Key was already used for a different command to this device".into(),
                 ));
@@ -216,7 +226,7 @@ impl CommandService {
         }
         metrics::counter!("iothub_commands_created_total", "mode" => mode.as_str()).increment(1);
         let record = if online {
-            self.dispatch(vec![record]).await.pop().expect("one in, one out")
+            self.dispatch_detached(vec![record]).await?.pop().expect("one in, one out")
         } else if self.active_device(device).await.unwrap_or(false) {
             // The device connected while we wrote: its connect may have looked for queued commands
             // before ours committed, so look again (the claim makes sure only one of us sends it).
@@ -229,7 +239,7 @@ impl CommandService {
                     100,
                 )
                 .await?;
-            let sent = self.dispatch(claimed).await;
+            let sent = self.dispatch_detached(claimed).await?;
             sent.into_iter().find(|c| c.request_id == record.request_id).unwrap_or(record)
         } else {
             record
@@ -318,8 +328,108 @@ impl CommandService {
             inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
         inner.relay.hand_off(outbox);
         metrics::counter!("iothub_commands_created_total", "mode" => "rpc").increment(1);
-        let record = self.dispatch(vec![record]).await.pop().expect("one in, one out");
+        let record = self.dispatch_detached(vec![record]).await?.pop().expect("one in, one out");
         Ok((record, Some(waiter)))
+    }
+
+    /// One command to every active device with `tag`: one request id, one row per device (replies are
+    /// tracked per device). Online devices get it at once on `tags/{p}/{tag}/cmd/...`, the topic they
+    /// subscribe to for their tags; offline ones wait `queued` and get it on their own command topic
+    /// when they connect, within the TTL. Returns every device's row.
+    #[tracing::instrument(skip_all, fields(%product, tag, name = %request.name), name = "commands.submit_to_tag")]
+    pub async fn submit_to_tag(
+        &self,
+        product: &ProductId,
+        tag: &str,
+        request: CommandRequest,
+    ) -> Result<Vec<CommandRecord>> {
+        Self::validate(&request)?;
+        crate::ids::validate_id(tag).map_err(|e| Error::validation("tag", e))?;
+        if request.idempotency_key.is_some() || request.retry.is_some() {
+            return Err(Error::validation("retry", "tag commands take no retry policy or Idempotency-Key"));
+        }
+        let inner = &self.inner;
+        if inner.store.get_product(product).await?.is_none() {
+            return Err(Error::not_found("product", product));
+        }
+        let now = now_ms();
+        let command = NewTagCommand {
+            product: product.clone(),
+            tag: tag.to_string(),
+            request_id: new_request_id(),
+            name: request.name,
+            format: request.format,
+            payload: request.payload,
+            qos: request.qos,
+            expires_at: request.ttl_ms.map(|ttl| now + ttl),
+            leased_until: now + inner.settings.dispatch_lease_ms,
+        };
+        let (records, outbox) = inner
+            .commands
+            .insert_tag_command(&command, &events::command_state, now, inner.settings.outbox_lease_ms)
+            .await?;
+        inner.relay.hand_off(outbox);
+        metrics::counter!("iothub_commands_created_total", "mode" => "tag").increment(records.len() as u64);
+        let claimed: Vec<&CommandRecord> = records.iter().filter(|r| r.next_attempt_at.is_some()).collect();
+        if claimed.is_empty() {
+            return Ok(records);
+        }
+        let sent_at = now_ms();
+        let message = OutboundMessage {
+            topic: tag_command_topic(
+                product.as_str(),
+                tag,
+                &command.name,
+                command.format.wire_encoding(),
+                &command.request_id,
+                command.expires_at,
+            ),
+            payload: wire_payload(command.format, &command.payload),
+            qos: command.qos,
+            expiry_secs: command.expires_at.map(|at| expiry_secs(at, sent_at)),
+        };
+        let lease = command.leased_until;
+        let transition = match inner.broker.publish(&message).await {
+            Ok(Published::Delivered | Published::Accepted) => {
+                Transition::Sent { at: sent_at, next_attempt_at: None, lease }
+            }
+            // Nobody subscribes right now: the scheduler sends to each device on its own topic.
+            Ok(Published::NoSubscribers) => {
+                Transition::Postponed { next_attempt_at: Some(sent_at + NO_SUBSCRIBER_RETRY_MS), lease }
+            }
+            Err(Error::Validation { message, .. }) => Transition::Failed { at: sent_at, reason: message },
+            Err(e) => {
+                tracing::warn!(error = %e, "tag command not published; devices get it one by one");
+                Transition::Postponed { next_attempt_at: Some(sent_at + BROKER_RETRY_MS), lease }
+            }
+        };
+        let changes: Vec<CommandChange> = claimed
+            .iter()
+            .map(|r| CommandChange {
+                device: r.device.clone(),
+                request_id: r.request_id.clone(),
+                transition: transition.clone(),
+            })
+            .collect();
+        let outcome =
+            inner.commands.change_commands(&changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await?;
+        inner.relay.hand_off(outcome.outbox);
+        let mut after = records;
+        for (changed, _) in outcome.changed {
+            if let Some(slot) = after.iter_mut().find(|r| r.device == changed.device) {
+                *slot = changed;
+            }
+        }
+        Ok(after)
+    }
+
+    /// Every device's row of a tag command.
+    pub async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>> {
+        let rows = self.inner.commands.tag_command(product, request_id).await?;
+        if rows.is_empty() {
+            return Err(Error::not_found("tag command", request_id));
+        }
+        Ok(rows)
     }
 
     pub async fn get(&self, device: &DeviceRef, request_id: &str) -> Result<CommandRecord> {
@@ -384,6 +494,15 @@ impl CommandService {
         });
     }
 
+    /// [`Self::dispatch`] in its own task: an HTTP caller that goes away (or times out) must not cancel it
+    /// between a publish and its bookkeeping.
+    async fn dispatch_detached(&self, claimed: Vec<CommandRecord>) -> Result<Vec<CommandRecord>> {
+        let this = self.clone();
+        tokio::spawn(async move { this.dispatch(claimed).await })
+            .await
+            .map_err(|e| Error::Internal(anyhow::anyhow!("command dispatch task failed: {e}")))
+    }
+
     /// Publishes claimed commands (in order, per device) and records the outcome of each. Returns the
     /// commands as they are afterwards.
     async fn dispatch(&self, claimed: Vec<CommandRecord>) -> Vec<CommandRecord> {
@@ -391,17 +510,25 @@ impl CommandService {
         let mut changes = Vec::with_capacity(claimed.len());
         for command in &claimed {
             let now = now_ms();
+            // The claim (`next_attempt_at`) is this dispatcher's lease. Past half of it, what is left goes
+            // back to the scheduler when the lease runs out: a publish must never start on a lease that
+            // could expire before its outcome is recorded (another instance would send it too).
+            let lease = command.next_attempt_at.unwrap_or_default();
+            if lease - now < inner.settings.dispatch_lease_ms / 2 {
+                metrics::counter!("iothub_command_dispatch_deferred_total").increment(1);
+                continue;
+            }
             let transition = match self.publish(command, now).await {
                 Ok(Published::Delivered | Published::Accepted) => {
-                    Transition::Sent { at: now, next_attempt_at: next_retry(command, now) }
+                    Transition::Sent { at: now, next_attempt_at: next_retry(command, now), lease }
                 }
                 Ok(Published::NoSubscribers) => {
-                    Transition::Postponed { next_attempt_at: Some(now + NO_SUBSCRIBER_RETRY_MS) }
+                    Transition::Postponed { next_attempt_at: Some(now + NO_SUBSCRIBER_RETRY_MS), lease }
                 }
                 Err(Error::Validation { message, .. }) => Transition::Failed { at: now, reason: message },
                 Err(e) => {
                     tracing::warn!(error = %e, request_id = %command.request_id, "command not published; will retry");
-                    Transition::Postponed { next_attempt_at: Some(now + BROKER_RETRY_MS) }
+                    Transition::Postponed { next_attempt_at: Some(now + BROKER_RETRY_MS), lease }
                 }
             };
             changes.push(CommandChange {
@@ -433,10 +560,7 @@ impl CommandService {
 
     async fn publish(&self, command: &CommandRecord, now: i64) -> Result<Published> {
         let encoding = command.format.wire_encoding();
-        let payload = match command.format {
-            PayloadFormat::Base64 => base64::engine::general_purpose::STANDARD.encode(&command.payload).into_bytes(),
-            PayloadFormat::Plain | PayloadFormat::Json => command.payload.clone(),
-        };
+        let payload = wire_payload(command.format, &command.payload);
         let message = OutboundMessage {
             topic: command_topic(
                 command.mode.as_str(),
@@ -449,7 +573,7 @@ impl CommandService {
             ),
             payload,
             qos: command.qos,
-            expiry_secs: command.expires_at.map(|at| ((at - now).max(1_000) + 999) as u32 / 1000),
+            expiry_secs: command.expires_at.map(|at| expiry_secs(at, now)),
         };
         self.inner.broker.publish(&message).await
     }
@@ -498,6 +622,19 @@ impl CommandService {
     }
 }
 
+/// What travels on the wire: `base64` commands as base64 text (devices decode it), the others as-is.
+fn wire_payload(format: PayloadFormat, payload: &[u8]) -> Vec<u8> {
+    match format {
+        PayloadFormat::Base64 => base64::engine::general_purpose::STANDARD.encode(payload).into_bytes(),
+        PayloadFormat::Plain | PayloadFormat::Json => payload.to_vec(),
+    }
+}
+
+/// MQTT message expiry for a deadline, rounded up to whole seconds (at least one).
+fn expiry_secs(expires_at: i64, now: i64) -> u32 {
+    (((expires_at - now).max(1_000) + 999) / 1000).min(u32::MAX as i64) as u32
+}
+
 /// The record a freshly inserted command will be, for its `queued` event (built before the insert so
 /// the event commits with the row).
 fn queued_record(c: &NewCommand, now: i64) -> CommandRecord {
@@ -525,6 +662,7 @@ fn queued_record(c: &NewCommand, now: i64) -> CommandRecord {
         next_attempt_at: c.leased_until,
         reply: None,
         reply_message_id: None,
+        tag: None,
     }
 }
 
@@ -584,7 +722,13 @@ mod tests {
     #[test]
     fn only_state_changes_are_announced() {
         let mut r = record(1, 1, None);
-        assert!(events_for(&r, &Transition::Postponed { next_attempt_at: None }).is_empty());
+        assert!(events_for(&r, &Transition::Postponed { next_attempt_at: None, lease: 1 }).is_empty());
+        r.state = CommandState::Delivered;
+        let overtaken: Vec<_> = events_for(&r, &Transition::Sent { at: 1, next_attempt_at: None, lease: 1 })
+            .iter()
+            .map(|e| serde_json::from_slice::<serde_json::Value>(&e.body).unwrap()["state"].clone())
+            .collect();
+        assert_eq!(overtaken, ["sent", "delivered"], "a delivery report that overtook the send");
         r.state = CommandState::Replied;
         assert!(events_for(&r, &Transition::Delivered { at: 1 }).is_empty(), "late delivery report");
         let replied =

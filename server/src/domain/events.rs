@@ -368,6 +368,7 @@ mod tests {
             next_attempt_at: None,
             reply: None,
             reply_message_id: None,
+            tag: None,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::domain::events::{self, EventKind};
 use crate::domain::relay::RelayHandle;
+use crate::domain::tags::TagService;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
 use crate::ports::commands::{CommandChange, CommandMode, Transition};
@@ -62,7 +63,15 @@ pub enum BrokerEvent {
         received_at: i64,
     },
     /// `message.delivered`, `message.acked`, `message.dropped`: used by the command log (downstream).
-    Delivery { stage: DeliveryStage, client_id: Option<String>, topic: String, at: i64, reason: Option<String> },
+    Delivery {
+        stage: DeliveryStage,
+        /// The receiving client.
+        client_id: Option<String>,
+        username: Option<String>,
+        topic: String,
+        at: i64,
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,8 +180,9 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
             classify_publish(&client_id, username.as_deref(), &topic, payload, received_at, now)
         }
         BrokerEvent::Delivery { stage: DeliveryStage::Dropped, .. } => Work::Skip("dropped"),
-        BrokerEvent::Delivery { topic, at, .. } => match parse_downstream(&topic) {
-            Some(down) => {
+        BrokerEvent::Delivery { topic, at, username, .. } => match parse_downstream(&topic) {
+            // Only a delivery to the device itself counts (not to a monitoring client subscribed to `cmd/#`).
+            Some(down) if username.as_deref() == Some(format!("{}/{}", down.product, down.device).as_str()) => {
                 match (crate::ids::ProductId::parse(down.product), crate::ids::DeviceId::parse(down.device)) {
                     (Ok(product), Ok(device)) => Work::Feedback(CommandChange {
                         device: DeviceRef::new(product, device),
@@ -182,6 +192,7 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
                     _ => Work::Skip("delivery"),
                 }
             }
+            Some(_) => Work::Skip("delivery_to_other"),
             // Deliveries of other topics (m2m, tags) are not tracked.
             None => Work::Skip("delivery"),
         },
@@ -303,6 +314,7 @@ struct Worker {
     dedup: Arc<dyn Deduplicator>,
     relay: RelayHandle,
     commands: CommandService,
+    tags: TagService,
     settings: Arc<IngestSettings>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
 }
@@ -313,6 +325,7 @@ impl IngestService {
         dedup: Arc<dyn Deduplicator>,
         relay: RelayHandle,
         commands: CommandService,
+        tags: TagService,
         settings: IngestSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(settings.batch_max * 4);
@@ -324,6 +337,7 @@ impl IngestService {
                 dedup: dedup.clone(),
                 relay: relay.clone(),
                 commands: commands.clone(),
+                tags: tags.clone(),
                 settings: settings.clone(),
                 rx: rx.clone(),
             };
@@ -492,8 +506,8 @@ impl Worker {
         }
         self.commands.devices_connected(connected);
         for request in internal {
-            let commands = self.commands.clone();
-            tokio::spawn(async move { answer_internal(&commands, request).await });
+            let (commands, tags) = (self.commands.clone(), self.tags.clone());
+            tokio::spawn(async move { answer_internal(&commands, &tags, request).await });
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -526,10 +540,10 @@ impl Worker {
     }
 }
 
-/// Answers a `$` request. `$ntp`: `$set_ntp` echoing the device's `device_time` with iothub's receive time
+/// Answers a `$` request. `$tags`: `$set_tags` when the device's version is stale. `$ntp`: `$set_ntp` echoing the device's `device_time` with iothub's receive time
 /// (the broker's timestamp) and send time, all in milliseconds, so the device computes its clock offset as
 /// `((iothub_recv - device_time) + (iothub_send - device_recv)) / 2` to the millisecond.
-async fn answer_internal(commands: &CommandService, request: InternalRequest) {
+async fn answer_internal(commands: &CommandService, tags: &TagService, request: InternalRequest) {
     let InternalRequest { device, resource, payload, received_at } = request;
     let result = match resource.as_str() {
         "$ntp" => {
@@ -540,6 +554,7 @@ async fn answer_internal(commands: &CommandService, request: InternalRequest) {
             };
             commands.send_internal(&device, "$set_ntp", reply.to_string().into_bytes(), 0).await
         }
+        "$tags" => tags.answer_request(&device, &payload).await.map(|_| ()),
         other => {
             metrics::counter!("iothub_upstream_rejected_total", "reason" => "unknown_internal").increment(1);
             tracing::debug!(%device, resource = other, "internal resource not served");
@@ -639,6 +654,7 @@ mod tests {
         let delivery = |stage, topic: &str| BrokerEvent::Delivery {
             stage,
             client_id: Some("p/d".into()),
+            username: Some("p/d".into()),
             topic: topic.into(),
             at: 7,
             reason: None,
@@ -648,6 +664,11 @@ mod tests {
             Work::Feedback(CommandChange { transition: Transition::Delivered { at: 7 }, .. })
         ));
         assert!(matches!(classify(delivery(DeliveryStage::Dropped, "cmd/p/d/x/plain/r1"), 5), Work::Skip("dropped")));
+        let mut monitor = delivery(DeliveryStage::Delivered, "cmd/p/d/reboot/plain/r1");
+        if let BrokerEvent::Delivery { username, .. } = &mut monitor {
+            *username = Some("ops-dashboard".into());
+        }
+        assert!(matches!(classify(monitor, 5), Work::Skip("delivery_to_other")));
         assert!(matches!(classify(delivery(DeliveryStage::Delivered, "m2m/p/d/e/m1"), 5), Work::Skip("delivery")));
         match classify(publish("p/d", "upload_data/p/d/temp/m1", b"{\"t\":1}"), 5) {
             Work::Message { key, message } => {

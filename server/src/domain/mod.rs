@@ -8,3 +8,4 @@ pub mod history;
 pub mod ingest;
 pub mod registry;
 pub mod relay;
+pub mod tags;

@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::ids::DeviceRef;
+use crate::ids::{DeviceRef, ProductId};
 use crate::ports::event_bus::BusEvent;
 use crate::ports::store::OutboxRecord;
 
@@ -163,16 +163,36 @@ pub struct CommandRecord {
     pub next_attempt_at: Option<i64>,
     pub reply: Option<Vec<u8>>,
     pub reply_message_id: Option<String>,
+    /// Set when the command went to every device of a tag (one request id, one row per device).
+    pub tag: Option<String>,
+}
+
+/// One command to every active device with a tag in a product.
+#[derive(Debug, Clone)]
+pub struct NewTagCommand {
+    pub product: ProductId,
+    pub tag: String,
+    pub request_id: String,
+    pub name: String,
+    pub format: PayloadFormat,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub expires_at: Option<i64>,
+    /// Rows of online devices are claimed until this time (the tag topic reaches them at once); rows of
+    /// offline devices wait `queued` for their device to connect.
+    pub leased_until: i64,
 }
 
 /// A change to one command. Each applies only if it moves the command forward, so replays and
 /// out-of-order reports (a delivery report after the reply) change nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transition {
-    /// Published (again): queued → sent, attempts + 1, the next retry (or none) scheduled.
-    Sent { at: i64, next_attempt_at: Option<i64> },
+    /// Published (again): queued → sent, attempts + 1, the next retry (or none) scheduled. Applies only
+    /// while the dispatcher's claim (`lease`, the row's `next_attempt_at` when claimed) still holds.
+    Sent { at: i64, next_attempt_at: Option<i64>, lease: i64 },
     /// Could not be published now: stays as it is, tried again at `next_attempt_at` (`None`: on connect).
-    Postponed { next_attempt_at: Option<i64> },
+    /// Fenced by the claim like `Sent`.
+    Postponed { next_attempt_at: Option<i64>, lease: i64 },
     /// The broker delivered it (QoS 0) or the device acknowledged it (QoS 1/2).
     Delivered { at: i64 },
     /// The device answered on `cmd_resp` / `rpc_resp` (must match the command's mode).
@@ -193,9 +213,12 @@ pub struct CommandChange {
 /// Builds the events announcing one changed command (its new state, and the reply if there is one).
 pub type EventsFor<'a> = &'a (dyn Fn(&CommandRecord, &Transition) -> Vec<BusEvent> + Send + Sync);
 
+/// Builds the `queued` event of a freshly logged command.
+pub type QueuedEvent<'a> = &'a (dyn Fn(&CommandRecord) -> BusEvent + Send + Sync);
+
 #[derive(Debug, Default)]
 pub struct ChangeOutcome {
-    /// The commands after every change that took effect, in input order.
+    /// The commands after every change that took effect (in lock order: by device, then request id).
     pub changed: Vec<(CommandRecord, Transition)>,
     pub outbox: Vec<OutboxRecord>,
 }
@@ -231,7 +254,7 @@ pub trait CommandStore: Send + Sync + 'static {
     async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>>;
     async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>>;
     /// Leases up to `limit` commands ready to go out: unexpired, not replied, their device online, and
-    /// either queued (`Devices`) or due (`Due`). Each comes back with `next_attempt_at = now + lease_ms`.
+    /// either queued (`Devices`) or due or queued without a schedule (`Due`). Each comes back with `next_attempt_at = now + lease_ms`.
     async fn claim_commands(
         &self,
         scope: &ClaimScope,
@@ -241,6 +264,16 @@ pub trait CommandStore: Send + Sync + 'static {
     ) -> Result<Vec<CommandRecord>>;
     /// Unfinished commands whose TTL passed (for the expiry sweep).
     async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>>;
+    /// Logs a tag command: one row per active device of the tag, with their `queued` events.
+    async fn insert_tag_command(
+        &self,
+        command: &NewTagCommand,
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)>;
+    /// Every device's row of a tag command.
+    async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>>;
     /// Applies the changes in one transaction with the events `events_for` builds for each one that
     /// took effect.
     async fn change_commands(

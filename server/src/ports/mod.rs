@@ -10,3 +10,4 @@ pub mod dedup;
 pub mod event_bus;
 pub mod replies;
 pub mod store;
+pub mod tags;

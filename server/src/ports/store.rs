@@ -84,6 +84,8 @@ pub struct DeviceAuthRecord {
 pub struct DeviceFilter {
     pub status: Option<DeviceStatus>,
     pub online: Option<bool>,
+    /// Only devices with this tag.
+    pub tag: Option<String>,
     /// Return devices whose id sorts after this one (cursor pagination).
     pub after: Option<DeviceId>,
     pub limit: u32,

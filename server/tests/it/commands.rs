@@ -35,10 +35,15 @@ fn answering_device(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     seen.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
                     let levels: Vec<&str> = p.topic.split('/').collect();
-                    if levels.len() < 6 || levels[3] == "slow" || levels[3].starts_with('$') {
+                    // cmd|rpc/{p}/{d}/{name}/{enc}/{req}[/{exp}] or tags/{p}/{tag}/cmd/{name}/{enc}/{req}[/{exp}]
+                    let (mode, product, name, request_id) = match levels[..] {
+                        ["tags", product, _, "cmd", name, _, request_id, ..] => ("cmd", product, name, request_id),
+                        [mode, product, _, name, _, request_id, ..] => (mode, product, name, request_id),
+                        _ => continue,
+                    };
+                    if name == "slow" || name.starts_with('$') {
                         continue;
                     }
-                    let (mode, product, name, request_id) = (levels[0], levels[1], levels[3], levels[5]);
                     n += 1;
                     let (topic, reply) = match mode {
                         "cmd" => {
@@ -350,4 +355,113 @@ async fn rpc_is_answered_across_instances() {
     let _ = device_task.await;
     b.stop().await;
     a.stop().await;
+}
+
+/// Tags: versions increment atomically under concurrent updates; devices are listed by tag; a tag command
+/// reaches the online devices on the tag topic, an offline one when it connects, and the request shows who
+/// replied and who stayed silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_commands_track_each_device() {
+    let hub = TestHub::start_production().await;
+    hub.create_product("p").await;
+    let mut secrets = std::collections::HashMap::new();
+    for d in ["d1", "d2", "d3", "other"] {
+        secrets.insert(d, hub.register("p", d).await);
+    }
+    let tags_of = |d: &str| format!("/api/v1/products/p/devices/{d}/tags");
+    let (s, v) = hub.call(Method::PUT, &tags_of("d1"), Some(json!({"tags": ["floor-3", "lab", "floor-3"]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v, json!({"tags": ["floor-3", "lab"], "tags_version": 1}));
+    let (s, v) = hub.call(Method::PUT, &tags_of("d1"), Some(json!({"tags": ["a/b"]}))).await;
+    assert_eq!((s, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("tags[0]")), "{v}");
+    // Concurrent updates: every one gets its own version, none is lost.
+    let d2_tags = tags_of("d2");
+    let updates = (0..10).map(|_| hub.call(Method::PUT, &d2_tags, Some(json!({"tags": ["floor-3"]}))));
+    let mut versions: Vec<i64> = futures::future::join_all(updates)
+        .await
+        .into_iter()
+        .map(|(_, v)| v["tags_version"].as_i64().unwrap())
+        .collect();
+    versions.sort();
+    assert_eq!(versions, (1..=10).collect::<Vec<_>>());
+    hub.call(Method::PUT, &tags_of("d3"), Some(json!({"tags": ["floor-3"]}))).await;
+    let (_, d2) = hub.call(Method::GET, "/api/v1/products/p/devices/d2", None).await;
+    assert_eq!((d2["tags"].clone(), d2["tags_version"].clone()), (json!(["floor-3"]), json!(10)), "{d2}");
+    let (_, listed) = hub.call(Method::GET, "/api/v1/products/p/devices?tag=floor-3", None).await;
+    let ids: Vec<&str> = listed["items"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["d1", "d2", "d3"]);
+
+    // d1 answers, d2 listens but stays silent, d3 is offline. Devices subscribe to their tag topics
+    // themselves (the SDK does this from its stored tags).
+    let (c1, e1) = must_connect(hub.mqtt_addr, "d1", "p/d1", &secrets["d1"]).await;
+    c1.subscribe("tags/p/floor-3/cmd/+/+/+/#", QoS::AtLeastOnce).await.unwrap();
+    let (inbox1, t1) = answering_device(c1.clone(), e1, "d1");
+    let (c2, mut e2) = must_connect(hub.mqtt_addr, "d2", "p/d2", &secrets["d2"]).await;
+    c2.subscribe("tags/p/floor-3/cmd/+/+/+/#", QoS::AtLeastOnce).await.unwrap();
+    wait_for(&mut e2, Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_))).await.unwrap();
+    let silent_inbox: Inbox = Arc::default();
+    let silent_seen = silent_inbox.clone();
+    let t2 = tokio::spawn(async move {
+        while let Ok(ev) = e2.poll().await {
+            match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    silent_seen.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()))
+                }
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                _ => {}
+            }
+        }
+    });
+    wait_online(&hub, "p", "d1").await;
+    wait_online(&hub, "p", "d2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // d1's SUBSCRIBE is in
+
+    let (s, sent) = hub
+        .call(Method::POST, "/api/v1/products/p/tags/floor-3/commands", Some(json!({"name": "reboot", "ttl_secs": 60})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sent}");
+    assert_eq!(sent["total"], 3);
+    let id = sent["request_id"].as_str().unwrap().to_string();
+    let by_device = |v: &Value| -> std::collections::HashMap<String, String> {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["device_id"].as_str().unwrap().to_string(), c["state"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    assert_eq!(by_device(&sent)["d3"], "queued", "{sent}");
+    let status = eventually(Duration::from_secs(15), "d1's reply", || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/tag-commands/{id}"), None).await;
+        (v["replied"] == 1).then_some(v)
+    })
+    .await;
+    assert_eq!(status["pending"], 2, "{status}");
+    assert_eq!(received(&inbox1, &id).len(), 1);
+    assert!(received(&inbox1, &id)[0].0.starts_with("tags/p/floor-3/cmd/reboot/plain/"));
+    assert_eq!(received(&silent_inbox, &id).len(), 1, "the silent device got it too");
+
+    // d3 comes online: it gets the command on its own command topic and answers.
+    let (c3, e3) = must_connect(hub.mqtt_addr, "d3", "p/d3", &secrets["d3"]).await;
+    let (inbox3, t3) = answering_device(c3.clone(), e3, "d3");
+    let status = eventually(Duration::from_secs(15), "d3's reply", || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/tag-commands/{id}"), None).await;
+        (v["replied"] == 2).then_some(v)
+    })
+    .await;
+    let states = by_device(&status);
+    assert_eq!(
+        (states["d1"].as_str(), states["d2"].as_str(), states["d3"].as_str()),
+        ("replied", "sent", "replied"),
+        "{status}"
+    );
+    assert_eq!(status["pending"], 1);
+    assert!(received(&inbox3, &id)[0].0.starts_with("cmd/p/d3/reboot/plain/"));
+    let (s, _) = hub.call(Method::GET, "/api/v1/products/p/tag-commands/nope", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    for c in [c1, c2, c3] {
+        c.disconnect().await.unwrap();
+    }
+    let _ = tokio::join!(t1, t2, t3);
+    hub.stop().await;
 }

@@ -1,0 +1,91 @@
+//! [`TagStore`] for PostgreSQL and SQLite: tags in `device_tags`, the version on the device row.
+//!
+//! `set_tags` runs in one transaction that first bumps `devices.tags_version` (`UPDATE ... RETURNING`),
+//! which also locks the device row, so two concurrent updates serialise and each gets its own version.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use crate::error::Result;
+use crate::ids::DeviceRef;
+use crate::ports::tags::{DeviceTags, TagStore};
+
+const GET_DEVICE: &str = "SELECT tags_version, online FROM devices WHERE product_id = $1 AND device_id = $2";
+const BUMP: &str = "UPDATE devices SET tags_version = tags_version + 1, updated_at = $3
+     WHERE product_id = $1 AND device_id = $2 RETURNING tags_version, online";
+const CLEAR: &str = "DELETE FROM device_tags WHERE product_id = $1 AND device_id = $2";
+const ADD: &str = "INSERT INTO device_tags (product_id, device_id, tag) VALUES ($1, $2, $3)";
+const LIST: &str = "SELECT tag FROM device_tags WHERE product_id = $1 AND device_id = $2 ORDER BY tag";
+
+fn sqlite(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+macro_rules! tag_store_impl {
+    ($store:ty, $db:ty, $sql:expr, $read:ident, $write:ident, $get_span:literal, $set_span:literal) => {
+        #[async_trait]
+        impl TagStore for $store {
+            #[tracing::instrument(skip(self), name = $get_span)]
+            async fn get_tags(&self, device: &DeviceRef) -> Result<Option<DeviceTags>> {
+                let mut conn = self.$read().acquire().await?;
+                let Some(row) = sqlx::query(&$sql(GET_DEVICE))
+                    .bind(device.product.as_str())
+                    .bind(device.device.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let tags = sqlx::query_scalar::<$db, String>(&$sql(LIST))
+                    .bind(device.product.as_str())
+                    .bind(device.device.as_str())
+                    .fetch_all(&mut *conn)
+                    .await?;
+                Ok(Some(DeviceTags { tags, version: row.try_get("tags_version")?, online: row.try_get("online")? }))
+            }
+
+            #[tracing::instrument(skip(self, tags), fields(count = tags.len()), name = $set_span)]
+            async fn set_tags(&self, device: &DeviceRef, tags: &[String], now: i64) -> Result<Option<DeviceTags>> {
+                let mut tx = self.$write().begin().await?;
+                let Some(row) = sqlx::query(&$sql(BUMP))
+                    .bind(device.product.as_str())
+                    .bind(device.device.as_str())
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                sqlx::query(&$sql(CLEAR))
+                    .bind(device.product.as_str())
+                    .bind(device.device.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                for tag in tags {
+                    sqlx::query(&$sql(ADD))
+                        .bind(device.product.as_str())
+                        .bind(device.device.as_str())
+                        .bind(tag)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let result = DeviceTags {
+                    tags: tags.to_vec(),
+                    version: row.try_get("tags_version")?,
+                    online: row.try_get("online")?,
+                };
+                tx.commit().await?;
+                Ok(Some(result))
+            }
+        }
+    };
+}
+
+fn pg(sql: &str) -> String {
+    sql.to_string()
+}
+
+tag_store_impl!(PgStore, sqlx::Postgres, pg, pool, pool, "pg.get_tags", "pg.set_tags");
+tag_store_impl!(SqliteStore, sqlx::Sqlite, sqlite, reader, writer, "sqlite.get_tags", "sqlite.set_tags");
