@@ -33,12 +33,14 @@ use crate::domain::history::HistoryService;
 use crate::domain::ingest::{IngestService, IngestSettings, IN_FLIGHT_TTL};
 use crate::domain::registry::RegistryService;
 use crate::domain::relay::{self, RelaySettings};
+use crate::domain::shadows::ShadowService;
 use crate::domain::tags::TagService;
 use crate::ports::broker::BrokerApi;
 use crate::ports::commands::CommandStore;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
 use crate::ports::replies::ReplyHub;
+use crate::ports::shadows::ShadowStore;
 use crate::ports::store::Store;
 use crate::ports::tags::TagStore;
 use crate::secrets::random_token;
@@ -54,12 +56,13 @@ pub struct Stores {
     pub store: Arc<dyn Store>,
     pub commands: Arc<dyn CommandStore>,
     pub tags: Arc<dyn TagStore>,
+    pub shadows: Arc<dyn ShadowStore>,
 }
 
 impl Stores {
-    fn of<S: Store + CommandStore + TagStore>(store: S) -> Self {
+    fn of<S: Store + CommandStore + TagStore + ShadowStore>(store: S) -> Self {
         let store = Arc::new(store);
-        Self { store: store.clone(), commands: store.clone(), tags: store }
+        Self { store: store.clone(), commands: store.clone(), tags: store.clone(), shadows: store }
     }
 }
 
@@ -147,7 +150,7 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let Stores { store, commands: command_log, tags: tag_store } =
+        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store } =
             open_stores(&config, config.database.migrate_on_start).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
@@ -260,12 +263,14 @@ impl Application {
             },
         );
         let tags = TagService::new(tag_store, commands.clone());
+        let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone(), relay.clone(), lease_ms);
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
             relay,
             commands.clone(),
             tags.clone(),
+            shadows.clone(),
             IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
         );
 
@@ -279,6 +284,7 @@ impl Application {
             ingest,
             commands,
             tags,
+            shadows,
             dedup,
             bus,
             hook_token,

@@ -1,8 +1,9 @@
 //! Adapters: concrete implementations of the ports, chosen by configuration in `startup`.
 //!
 //! - `postgres` / `sqlite`: the [`Store`](crate::ports::store::Store) for production and embedded profiles;
-//!   `command_log` and `tag_store`: the [`CommandStore`](crate::ports::commands::CommandStore) and
-//!   [`TagStore`](crate::ports::tags::TagStore) on the same two databases.
+//!   `command_log`, `tag_store` and `shadow_store`: the [`CommandStore`](crate::ports::commands::CommandStore),
+//!   [`TagStore`](crate::ports::tags::TagStore) and [`ShadowStore`](crate::ports::shadows::ShadowStore) on the
+//!   same two databases.
 //! - `broker_http`: the [`BrokerApi`](crate::ports::broker::BrokerApi) over EMQX 5 or EMQX 4 / RMQTT REST.
 //! - `embedded_broker`: RMQTT running inside this process, wired to this instance's hooks.
 //! - `redis_dedup` / `memory_dedup`: the [`Deduplicator`](crate::ports::dedup::Deduplicator).
@@ -19,6 +20,7 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod redis_dedup;
 pub mod redis_replies;
+pub mod shadow_store;
 pub mod sqlite;
 pub mod tag_store;
 

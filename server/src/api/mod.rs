@@ -36,6 +36,7 @@ use crate::domain::commands::CommandService;
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::IngestService;
 use crate::domain::registry::RegistryService;
+use crate::domain::shadows::ShadowService;
 use crate::domain::tags::TagService;
 use crate::ports::broker::BrokerApi;
 use crate::ports::dedup::Deduplicator;
@@ -52,6 +53,7 @@ pub struct AppState {
     pub ingest: IngestService,
     pub commands: CommandService,
     pub tags: TagService,
+    pub shadows: ShadowService,
     pub dedup: Arc<dyn Deduplicator>,
     pub bus: Arc<dyn EventBus>,
     pub hook_token: String,
@@ -80,6 +82,10 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/products/{product_id}/devices/{device_id}/rpc", post(commands::rpc))
         .route("/products/{product_id}/devices/{device_id}/tags", get(commands::get_tags).put(commands::set_tags))
         .route("/products/{product_id}/tags/{tag}/commands", post(commands::send_to_tag))
+        .route(
+            "/products/{product_id}/devices/{device_id}/shadow",
+            get(commands::get_shadow).put(commands::update_shadow),
+        )
         .route("/products/{product_id}/tag-commands/{request_id}", get(commands::get_tag_command))
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))

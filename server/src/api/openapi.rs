@@ -25,6 +25,7 @@ use super::{api_keys, commands, devices, products, telemetry, tokens};
         telemetry::list_messages, telemetry::get_message, telemetry::get_status, telemetry::stream,
         commands::send, commands::rpc, commands::get, commands::list,
         commands::get_tags, commands::set_tags, commands::send_to_tag, commands::get_tag_command,
+        commands::get_shadow, commands::update_shadow,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),

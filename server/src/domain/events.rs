@@ -27,10 +27,11 @@ pub enum EventKind {
     CommandState,
     CmdResp,
     DataRequest,
+    Shadow,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::UploadData,
         EventKind::UpdateStatus,
         EventKind::DeviceConnection,
@@ -38,6 +39,7 @@ impl EventKind {
         EventKind::CommandState,
         EventKind::CmdResp,
         EventKind::DataRequest,
+        EventKind::Shadow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +51,7 @@ impl EventKind {
             EventKind::CommandState => "command_state",
             EventKind::CmdResp => "cmd_resp",
             EventKind::DataRequest => "data_request",
+            EventKind::Shadow => "shadow",
         }
     }
 
@@ -317,6 +320,33 @@ pub fn data_request(
     bus_event(EventKind::DataRequest, device, id, &body)
 }
 
+/// `iothub.events.shadow`: a device's shadow changed (by the API or the device).
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct ShadowEvent {
+    pub event_id: String,
+    pub product_id: String,
+    pub device_id: String,
+    /// `api`, `device_reported` or `device_updated`.
+    pub source: String,
+    pub version: i64,
+    /// The whole document after the change, with its `delta`.
+    pub shadow: serde_json::Value,
+}
+
+pub fn shadow(device: &DeviceRef, source: &str, shadow: &serde_json::Value, version: i64) -> BusEvent {
+    let v = version.to_string();
+    let id = event_id(&["shadow", device.product.as_str(), device.device.as_str(), &v]);
+    let body = ShadowEvent {
+        event_id: id.clone(),
+        product_id: device.product.to_string(),
+        device_id: device.device.to_string(),
+        source: source.into(),
+        version,
+        shadow: shadow.clone(),
+    };
+    bus_event(EventKind::Shadow, device, id, &body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +435,7 @@ mod tests {
             serde_json::from_slice(&command_state(&sample_command()).body).unwrap(),
             serde_json::from_slice(&cmd_resp(&sample_command(), "m", b"ok", 1).body).unwrap(),
             serde_json::from_slice(&data_request(&dev(), "weather", "m", b"{}", 1, 2).body).unwrap(),
+            serde_json::from_slice(&shadow(&dev(), "api", &serde_json::json!({}), 1).body).unwrap(),
         ];
         let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         for shape in &emitted {

@@ -18,6 +18,7 @@ use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::domain::events::{self, EventKind};
 use crate::domain::relay::RelayHandle;
+use crate::domain::shadows::{ShadowService, ShadowSource};
 use crate::domain::tags::TagService;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
@@ -226,6 +227,16 @@ fn classify_publish(
     let key = |kind: &str, message_id: &str| format!("{kind}:{publisher}/{message_id}");
     match upstream {
         Upstream::UploadData { data_type, message_id, .. } => {
+            if matches!(data_type, "$shadow_reported" | "$shadow_updated") {
+                // Each kind dispatched by its own name (the reference IotHub's `else if ("$shadow_updated")`
+                // sent every shadow message down one branch).
+                return Work::Internal(InternalRequest {
+                    device: publisher,
+                    resource: data_type.to_string(),
+                    payload,
+                    received_at: sent_at,
+                });
+            }
             if is_internal_name(data_type) {
                 return Work::Skip("internal");
             }
@@ -315,6 +326,7 @@ struct Worker {
     relay: RelayHandle,
     commands: CommandService,
     tags: TagService,
+    shadows: ShadowService,
     settings: Arc<IngestSettings>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
 }
@@ -326,6 +338,7 @@ impl IngestService {
         relay: RelayHandle,
         commands: CommandService,
         tags: TagService,
+        shadows: ShadowService,
         settings: IngestSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(settings.batch_max * 4);
@@ -338,6 +351,7 @@ impl IngestService {
                 relay: relay.clone(),
                 commands: commands.clone(),
                 tags: tags.clone(),
+                shadows: shadows.clone(),
                 settings: settings.clone(),
                 rx: rx.clone(),
             };
@@ -506,8 +520,8 @@ impl Worker {
         }
         self.commands.devices_connected(connected);
         for request in internal {
-            let (commands, tags) = (self.commands.clone(), self.tags.clone());
-            tokio::spawn(async move { answer_internal(&commands, &tags, request).await });
+            let services = (self.commands.clone(), self.tags.clone(), self.shadows.clone());
+            tokio::spawn(async move { answer_internal(&services, request).await });
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -543,7 +557,8 @@ impl Worker {
 /// Answers a `$` request. `$tags`: `$set_tags` when the device's version is stale. `$ntp`: `$set_ntp` echoing the device's `device_time` with iothub's receive time
 /// (the broker's timestamp) and send time, all in milliseconds, so the device computes its clock offset as
 /// `((iothub_recv - device_time) + (iothub_send - device_recv)) / 2` to the millisecond.
-async fn answer_internal(commands: &CommandService, tags: &TagService, request: InternalRequest) {
+async fn answer_internal(services: &(CommandService, TagService, ShadowService), request: InternalRequest) {
+    let (commands, tags, shadows) = services;
     let InternalRequest { device, resource, payload, received_at } = request;
     let result = match resource.as_str() {
         "$ntp" => {
@@ -555,6 +570,9 @@ async fn answer_internal(commands: &CommandService, tags: &TagService, request: 
             commands.send_internal(&device, "$set_ntp", reply.to_string().into_bytes(), 0).await
         }
         "$tags" => tags.answer_request(&device, &payload).await.map(|_| ()),
+        "$shadow" => shadows.answer_request(&device).await,
+        "$shadow_reported" => shadows.from_device(&device, ShadowSource::DeviceReported, &payload).await,
+        "$shadow_updated" => shadows.from_device(&device, ShadowSource::DeviceUpdated, &payload).await,
         other => {
             metrics::counter!("iothub_upstream_rejected_total", "reason" => "unknown_internal").increment(1);
             tracing::debug!(%device, resource = other, "internal resource not served");
@@ -635,10 +653,13 @@ mod tests {
         }
         assert!(matches!(classify(publish("p/x", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
         assert!(matches!(classify(publish("q/d", "upload_data/p/d/temp/m1", b"1"), 5), Work::Skip("rejected")));
-        assert!(matches!(
-            classify(publish("p/d", "upload_data/p/d/$shadow_updated/m1", b"{}"), 5),
-            Work::Skip("internal")
-        ));
+        for kind in ["$shadow_updated", "$shadow_reported"] {
+            match classify(publish("p/d", &format!("upload_data/p/d/{kind}/m1"), b"{}"), 5) {
+                Work::Internal(r) => assert_eq!(r.resource, kind),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(classify(publish("p/d", "upload_data/p/d/$other/m1", b"{}"), 5), Work::Skip("internal")));
         assert!(matches!(classify(publish("p/d", "upload_data/p/d/temp", b"1"), 5), Work::Skip("rejected")));
         assert!(matches!(classify(publish("p/d", "get/p/d/$ntp/m1", b"{}"), 5), Work::Internal(_)));
         assert!(matches!(classify(publish("p/d", "get/p/d/weather/m1", b"{}"), 5), Work::Request { .. }));

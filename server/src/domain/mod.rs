@@ -8,4 +8,5 @@ pub mod history;
 pub mod ingest;
 pub mod registry;
 pub mod relay;
+pub mod shadows;
 pub mod tags;

@@ -9,5 +9,6 @@ pub mod commands;
 pub mod dedup;
 pub mod event_bus;
 pub mod replies;
+pub mod shadows;
 pub mod store;
 pub mod tags;
