@@ -30,7 +30,8 @@ use crate::domain::access::AccessService;
 use crate::domain::api_keys::{ApiKeyService, Scope};
 use crate::domain::commands::{CommandService, CommandSettings};
 use crate::domain::history::HistoryService;
-use crate::domain::ingest::{IngestService, IngestSettings, IN_FLIGHT_TTL};
+use crate::domain::ingest::{DeviceControl, IngestService, IngestSettings, IN_FLIGHT_TTL};
+use crate::domain::ota::OtaService;
 use crate::domain::registry::RegistryService;
 use crate::domain::relay::{self, RelaySettings};
 use crate::domain::shadows::ShadowService;
@@ -39,6 +40,7 @@ use crate::ports::broker::BrokerApi;
 use crate::ports::commands::CommandStore;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
+use crate::ports::ota::OtaStore;
 use crate::ports::replies::ReplyHub;
 use crate::ports::shadows::ShadowStore;
 use crate::ports::store::Store;
@@ -57,12 +59,13 @@ pub struct Stores {
     pub commands: Arc<dyn CommandStore>,
     pub tags: Arc<dyn TagStore>,
     pub shadows: Arc<dyn ShadowStore>,
+    pub ota: Arc<dyn OtaStore>,
 }
 
 impl Stores {
-    fn of<S: Store + CommandStore + TagStore + ShadowStore>(store: S) -> Self {
+    fn of<S: Store + CommandStore + TagStore + ShadowStore + OtaStore>(store: S) -> Self {
         let store = Arc::new(store);
-        Self { store: store.clone(), commands: store.clone(), tags: store.clone(), shadows: store }
+        Self { store: store.clone(), commands: store.clone(), tags: store.clone(), shadows: store.clone(), ota: store }
     }
 }
 
@@ -150,7 +153,7 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store } =
+        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store, ota: ota_store } =
             open_stores(&config, config.database.migrate_on_start).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
@@ -249,7 +252,7 @@ impl Application {
         };
         let commands = CommandService::start(
             store.clone(),
-            command_log,
+            command_log.clone(),
             broker.clone(),
             replies,
             relay.clone(),
@@ -264,13 +267,18 @@ impl Application {
         );
         let tags = TagService::new(tag_store, commands.clone());
         let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone(), relay.clone(), lease_ms);
+        let ota =
+            OtaService::new(ota_store, command_log.clone(), store.clone(), commands.clone(), relay.clone(), lease_ms);
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
             relay,
-            commands.clone(),
-            tags.clone(),
-            shadows.clone(),
+            DeviceControl {
+                commands: commands.clone(),
+                tags: tags.clone(),
+                shadows: shadows.clone(),
+                ota: ota.clone(),
+            },
             IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
         );
 
@@ -285,6 +293,7 @@ impl Application {
             commands,
             tags,
             shadows,
+            ota,
             dedup,
             bus,
             hook_token,

@@ -36,6 +36,8 @@ struct Sql {
     expired_list: String,
     insert_tag: String,
     tag_command: String,
+    insert_rollout: String,
+    insert_target: String,
 }
 
 const PK: &str = "product_id = $1 AND device_id = $2 AND request_id = $3";
@@ -99,6 +101,12 @@ impl Sql {
                  WHERE t.product_id = $1 AND t.tag = $10 AND d.status = 'active'
                  RETURNING {COLUMNS}"
             )),
+            insert_rollout: q("INSERT INTO ota_rollouts (id, product_id, tag, type, version, url, size, md5, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                .to_string()),
+            insert_target: q("INSERT INTO ota_targets (rollout_id, product_id, device_id, state, created_at)
+                 VALUES ($1, $2, $3, 'pending', $4)"
+                .to_string()),
             tag_command: q(format!(
                 "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND request_id = $2 AND tag IS NOT NULL
                  ORDER BY device_id"
@@ -178,6 +186,45 @@ macro_rules! command_row {
             reply_message_id: r.try_get("reply_message_id")?,
             tag: r.try_get("tag")?,
         })
+    }};
+}
+
+macro_rules! create_rollout_body {
+    ($self:expr, $sql:expr, $begin:expr, $outbox:ident, $rollout:expr, $commands:expr, $queued_event:expr, $now:expr, $lease_ms:expr) => {{
+        let r: &crate::ports::ota::NewRollout = $rollout;
+        let mut tx = $begin.begin().await?;
+        sqlx::query(&$sql.insert_rollout)
+            .bind(r.id.as_str())
+            .bind(r.product.as_str())
+            .bind(r.tag.as_deref())
+            .bind(r.kind.as_str())
+            .bind(r.version.as_str())
+            .bind(r.url.as_str())
+            .bind(r.size)
+            .bind(r.md5.as_str())
+            .bind($now)
+            .execute(&mut *tx)
+            .await?;
+        let mut records = Vec::with_capacity($commands.len());
+        for command in $commands {
+            sqlx::query(&$sql.insert_target)
+                .bind(r.id.as_str())
+                .bind(command.device.product.as_str())
+                .bind(command.device.device.as_str())
+                .bind($now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| device_gone(e, &command.device))?;
+            let row = insert_query!($sql, command, $now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| device_gone(e, &command.device))?;
+            records.push(command_row!(&row)?);
+        }
+        let events = records.iter().map($queued_event).collect();
+        let outbox = $outbox(&mut tx, events, $now, $lease_ms).await?;
+        tx.commit().await?;
+        Ok((records, outbox))
     }};
 }
 
@@ -388,6 +435,18 @@ impl CommandStore for PgStore {
         let outbox = pg_outbox(&mut tx, events, now, lease_ms).await?;
         tx.commit().await?;
         Ok((records, outbox))
+    }
+
+    #[tracing::instrument(skip_all, fields(rollout = %rollout.id, targets = commands.len()), name = "pg.create_rollout")]
+    async fn create_rollout(
+        &self,
+        rollout: &crate::ports::ota::NewRollout,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)> {
+        create_rollout_body!(self, PG_SQL, self.pool(), pg_outbox, rollout, commands, queued_event, now, lease_ms)
     }
 
     #[tracing::instrument(skip(self), name = "pg.tag_command")]
@@ -612,6 +671,28 @@ impl CommandStore for SqliteStore {
         let outbox = sqlite_outbox(&mut tx, events, now, lease_ms).await?;
         tx.commit().await?;
         Ok((records, outbox))
+    }
+
+    #[tracing::instrument(skip_all, fields(rollout = %rollout.id, targets = commands.len()), name = "sqlite.create_rollout")]
+    async fn create_rollout(
+        &self,
+        rollout: &crate::ports::ota::NewRollout,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)> {
+        create_rollout_body!(
+            self,
+            SQLITE_SQL,
+            self.writer(),
+            sqlite_outbox,
+            rollout,
+            commands,
+            queued_event,
+            now,
+            lease_ms
+        )
     }
 
     #[tracing::instrument(skip(self), name = "sqlite.tag_command")]

@@ -1,7 +1,7 @@
 //! Adapters: concrete implementations of the ports, chosen by configuration in `startup`.
 //!
 //! - `postgres` / `sqlite`: the [`Store`](crate::ports::store::Store) for production and embedded profiles;
-//!   `command_log`, `tag_store` and `shadow_store`: the [`CommandStore`](crate::ports::commands::CommandStore),
+//!   `command_log`, `tag_store`, `shadow_store` and `ota_store`: the [`CommandStore`](crate::ports::commands::CommandStore),
 //!   [`TagStore`](crate::ports::tags::TagStore) and [`ShadowStore`](crate::ports::shadows::ShadowStore) on the
 //!   same two databases.
 //! - `broker_http`: the [`BrokerApi`](crate::ports::broker::BrokerApi) over EMQX 5 or EMQX 4 / RMQTT REST.
@@ -16,6 +16,7 @@ pub mod embedded_broker;
 pub mod memory_bus;
 pub mod memory_dedup;
 pub mod memory_replies;
+pub mod ota_store;
 pub mod postgres;
 pub mod rabbitmq;
 pub mod redis_dedup;

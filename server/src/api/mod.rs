@@ -35,6 +35,7 @@ use crate::domain::api_keys::ApiKeyService;
 use crate::domain::commands::CommandService;
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::IngestService;
+use crate::domain::ota::OtaService;
 use crate::domain::registry::RegistryService;
 use crate::domain::shadows::ShadowService;
 use crate::domain::tags::TagService;
@@ -54,6 +55,7 @@ pub struct AppState {
     pub commands: CommandService,
     pub tags: TagService,
     pub shadows: ShadowService,
+    pub ota: OtaService,
     pub dedup: Arc<dyn Deduplicator>,
     pub bus: Arc<dyn EventBus>,
     pub hook_token: String,
@@ -86,6 +88,12 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
             "/products/{product_id}/devices/{device_id}/shadow",
             get(commands::get_shadow).put(commands::update_shadow),
         )
+        .route(
+            "/products/{product_id}/devices/{device_id}/ota",
+            post(commands::push_ota_device).get(commands::device_ota),
+        )
+        .route("/products/{product_id}/tags/{tag}/ota", post(commands::push_ota_tag))
+        .route("/products/{product_id}/ota-rollouts/{rollout_id}", get(commands::get_rollout))
         .route("/products/{product_id}/tag-commands/{request_id}", get(commands::get_tag_command))
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))

@@ -26,12 +26,13 @@ use super::{api_keys, commands, devices, products, telemetry, tokens};
         commands::send, commands::rpc, commands::get, commands::list,
         commands::get_tags, commands::set_tags, commands::send_to_tag, commands::get_tag_command,
         commands::get_shadow, commands::update_shadow,
+        commands::push_ota_device, commands::push_ota_tag, commands::get_rollout, commands::device_ota,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),
     tags(
         (name = "products"), (name = "devices"), (name = "api-keys"), (name = "tokens"), (name = "telemetry"),
-        (name = "commands"),
+        (name = "commands"), (name = "ota"),
     )
 )]
 pub struct ApiDoc;

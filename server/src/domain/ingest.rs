@@ -17,6 +17,7 @@ use crate::adapters::storable_json;
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::domain::events::{self, EventKind};
+use crate::domain::ota::{parse_progress, OtaService};
 use crate::domain::relay::RelayHandle;
 use crate::domain::shadows::{ShadowService, ShadowSource};
 use crate::domain::tags::TagService;
@@ -302,6 +303,16 @@ fn classify_publish(
     }
 }
 
+/// The downstream services device messages feed: replies and delivery reports (command log), `$` requests
+/// (tags, shadow, NTP) and OTA reports.
+#[derive(Clone)]
+pub struct DeviceControl {
+    pub commands: CommandService,
+    pub tags: TagService,
+    pub shadows: ShadowService,
+    pub ota: OtaService,
+}
+
 pub struct IngestSettings {
     pub batch_max: usize,
     pub workers: usize,
@@ -324,9 +335,7 @@ struct Worker {
     store: Arc<dyn Store>,
     dedup: Arc<dyn Deduplicator>,
     relay: RelayHandle,
-    commands: CommandService,
-    tags: TagService,
-    shadows: ShadowService,
+    control: DeviceControl,
     settings: Arc<IngestSettings>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
 }
@@ -336,9 +345,7 @@ impl IngestService {
         store: Arc<dyn Store>,
         dedup: Arc<dyn Deduplicator>,
         relay: RelayHandle,
-        commands: CommandService,
-        tags: TagService,
-        shadows: ShadowService,
+        control: DeviceControl,
         settings: IngestSettings,
     ) -> Self {
         let (tx, rx) = mpsc::channel(settings.batch_max * 4);
@@ -349,9 +356,7 @@ impl IngestService {
                 store: store.clone(),
                 dedup: dedup.clone(),
                 relay: relay.clone(),
-                commands: commands.clone(),
-                tags: tags.clone(),
-                shadows: shadows.clone(),
+                control: control.clone(),
                 settings: settings.clone(),
                 rx: rx.clone(),
             };
@@ -413,6 +418,7 @@ impl Worker {
         let mut presence = Vec::new();
         let mut feedback = Vec::new();
         let mut internal = Vec::new();
+        let (mut ota_progress, mut ota_status) = (Vec::new(), Vec::new());
         let mut seen_keys = std::collections::HashSet::new();
         for event in events {
             match classify(event, now) {
@@ -444,6 +450,17 @@ impl Worker {
                     }
                 }
                 Work::Report { key, report, event } => {
+                    // Rollouts follow every report, replays included (their updates are idempotent and
+                    // time-ordered), so a retry after a failure below still applies them.
+                    match report.kind {
+                        ReportKind::Ota => {
+                            let value = serde_json::from_str(&report.payload_json).unwrap_or_default();
+                            ota_progress.extend(parse_progress(&report.device, &value, report.reported_at));
+                        }
+                        ReportKind::Status => {
+                            ota_status.push((report.device.clone(), report.payload_json.clone(), report.reported_at))
+                        }
+                    }
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Report(report, event)));
                     } else {
@@ -516,12 +533,13 @@ impl Worker {
         // Replies and delivery reports are idempotent by themselves (a state only moves forward), so they
         // need no dedup claims; a failure answers 503 and the broker's retry applies them again.
         if !feedback.is_empty() {
-            self.commands.apply_feedback(&feedback).await?;
+            self.control.commands.apply_feedback(&feedback).await?;
         }
-        self.commands.devices_connected(connected);
+        self.control.ota.after_reports(&ota_progress, &ota_status).await?;
+        self.control.commands.devices_connected(connected);
         for request in internal {
-            let services = (self.commands.clone(), self.tags.clone(), self.shadows.clone());
-            tokio::spawn(async move { answer_internal(&services, request).await });
+            let control = self.control.clone();
+            tokio::spawn(async move { answer_internal(&control, request).await });
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
@@ -557,8 +575,8 @@ impl Worker {
 /// Answers a `$` request. `$tags`: `$set_tags` when the device's version is stale. `$ntp`: `$set_ntp` echoing the device's `device_time` with iothub's receive time
 /// (the broker's timestamp) and send time, all in milliseconds, so the device computes its clock offset as
 /// `((iothub_recv - device_time) + (iothub_send - device_recv)) / 2` to the millisecond.
-async fn answer_internal(services: &(CommandService, TagService, ShadowService), request: InternalRequest) {
-    let (commands, tags, shadows) = services;
+async fn answer_internal(control: &DeviceControl, request: InternalRequest) {
+    let DeviceControl { commands, tags, shadows, .. } = control;
     let InternalRequest { device, resource, payload, received_at } = request;
     let result = match resource.as_str() {
         "$ntp" => {

@@ -272,6 +272,16 @@ pub trait CommandStore: Send + Sync + 'static {
         now: i64,
         lease_ms: i64,
     ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)>;
+    /// Creates an OTA rollout with a target and a logged command per device (request id = rollout id), with
+    /// the commands' `queued` events, in one transaction. Returns the commands.
+    async fn create_rollout(
+        &self,
+        rollout: &crate::ports::ota::NewRollout,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)>;
     /// Every device's row of a tag command.
     async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>>;
     /// Applies the changes in one transaction with the events `events_for` builds for each one that

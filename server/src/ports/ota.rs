@@ -1,0 +1,74 @@
+//! The OTA port: rollouts, their target devices, and what devices report about upgrading.
+//!
+//! A rollout is created together with one `$ota_upgrade` command per target in the command log (one
+//! transaction: see [`CommandStore::create_rollout`](crate::ports::commands::CommandStore::create_rollout)).
+//! Progress reports move a target between `pending`, `in_progress`, `installed` (100 %) and `failed` (a
+//! negative code), in broker-time order; a status report carrying the new version makes it `succeeded`,
+//! which is final.
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::ids::{DeviceRef, ProductId};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRollout {
+    pub id: String,
+    pub product: ProductId,
+    pub tag: Option<String>,
+    pub kind: String,
+    pub version: String,
+    pub url: String,
+    pub size: i64,
+    pub md5: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub product: ProductId,
+    pub tag: Option<String>,
+    pub kind: String,
+    pub version: String,
+    pub url: String,
+    pub size: i64,
+    pub md5: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRecord {
+    pub rollout_id: String,
+    pub device: DeviceRef,
+    /// `pending`, `in_progress`, `installed`, `failed` or `succeeded`.
+    pub state: String,
+    pub progress: Option<i32>,
+    pub error: Option<String>,
+    pub progress_at: Option<i64>,
+    pub succeeded_at: Option<i64>,
+    pub created_at: i64,
+}
+
+/// One `update_ota_status` report: `{"type", "version", "progress", "desc"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaProgress {
+    pub device: DeviceRef,
+    pub kind: Option<String>,
+    pub version: String,
+    /// 0-100, or -1 download, -2 checksum, -3 install, -4 other failure.
+    pub progress: i32,
+    pub error: Option<String>,
+    /// Broker time of the report.
+    pub at: i64,
+}
+
+#[async_trait]
+pub trait OtaStore: Send + Sync + 'static {
+    async fn get_rollout(&self, product: &ProductId, id: &str) -> Result<Option<(RolloutRecord, Vec<TargetRecord>)>>;
+    /// The device's targets, newest rollout first.
+    async fn device_targets(&self, device: &DeviceRef, limit: u32) -> Result<Vec<(RolloutRecord, TargetRecord)>>;
+    /// Applies progress reports (older than what a target already has: ignored). Returns how many applied.
+    async fn apply_ota_progress(&self, reports: &[OtaProgress]) -> Result<usize>;
+    /// A status report (JSON text): open targets whose `{type}_version` it equals succeed. Returns how many.
+    async fn apply_ota_status(&self, device: &DeviceRef, status_json: &str, at: i64) -> Result<usize>;
+}
