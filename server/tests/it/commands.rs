@@ -673,3 +673,37 @@ async fn ota_rollouts_follow_each_device_to_success() {
     consumer.close().await;
     hub.stop().await;
 }
+
+/// M2M: devices of one product message each other through the broker (auto-subscribed inbox); a device
+/// can only send as itself and only receive its own inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_message_each_other() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p").await;
+    let (sa, sb) = (hub.register("p", "a").await, hub.register("p", "b").await);
+    let (ca, ea) = must_connect(hub.mqtt_addr, "a", "p/a", &sa).await;
+    let ta = drive(ea);
+    let (cb, mut eb) = must_connect(hub.mqtt_addr, "b", "p/b", &sb).await;
+    wait_online(&hub, "p", "a").await;
+    wait_online(&hub, "p", "b").await;
+    ca.publish("m2m/p/b/a/m1", QoS::AtLeastOnce, false, "hello b").await.unwrap();
+    let got = wait_for(&mut eb, Duration::from_secs(10), |p| matches!(p, Packet::Publish(_))).await.unwrap();
+    let Packet::Publish(p) = got else { unreachable!() };
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("m2m/p/b/a/m1", &b"hello b"[..]));
+    // b may not read a's inbox.
+    cb.subscribe("m2m/p/a/+/+", QoS::AtLeastOnce).await.unwrap();
+    let ack = wait_for(&mut eb, Duration::from_secs(10), |p| matches!(p, Packet::SubAck(_))).await.unwrap();
+    let Packet::SubAck(ack) = ack else { unreachable!() };
+    assert!(matches!(ack.return_codes[..], [rumqttc::SubscribeReasonCode::Failure]), "{ack:?}");
+    // a may not send as b: the broker refuses and disconnects it.
+    ca.publish("m2m/p/b/b/m2", QoS::AtLeastOnce, false, "spoof").await.unwrap();
+    assert!(
+        wait_for(&mut eb, Duration::from_secs(2), |p| matches!(p, Packet::Publish(p) if p.topic.ends_with("/m2")))
+            .await
+            .is_err(),
+        "a spoofed m2m message reached b"
+    );
+    let _ = ta.await;
+    cb.disconnect().await.unwrap();
+    hub.stop().await;
+}
