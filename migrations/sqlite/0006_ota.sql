@@ -27,4 +27,5 @@ CREATE TABLE ota_targets (
     PRIMARY KEY (rollout_id, device_id),
     FOREIGN KEY (product_id, device_id) REFERENCES devices (product_id, device_id) ON DELETE CASCADE
 );
-CREATE INDEX ota_targets_open ON ota_targets (product_id, device_id) WHERE state <> 'succeeded';
+-- A device's upgrades (API, and the cascade when a device is deleted).
+CREATE INDEX ota_targets_by_device ON ota_targets (product_id, device_id);

@@ -84,7 +84,7 @@ macro_rules! target_row {
 }
 
 macro_rules! ota_store_impl {
-    ($store:ty, $sql:expr, $read:ident, $write:ident, $status:expr, $progress_kind:literal) => {
+    ($store:ty, $sql:expr, $read:ident, $write:ident, $status:expr, $progress_kind:literal, $open_targets:ident) => {
         #[async_trait]
         impl OtaStore for $store {
             #[tracing::instrument(skip(self), name = "ota.get_rollout")]
@@ -144,6 +144,14 @@ macro_rules! ota_store_impl {
                 Ok(applied)
             }
 
+            #[tracing::instrument(skip_all, fields(devices = devices.len()), name = "ota.open_targets")]
+            async fn devices_with_open_targets(&self, devices: &[DeviceRef]) -> Result<Vec<DeviceRef>> {
+                if devices.is_empty() {
+                    return Ok(Vec::new());
+                }
+                $open_targets(self.$read(), devices).await
+            }
+
             #[tracing::instrument(skip(self, status_json), name = "ota.apply_status")]
             async fn apply_ota_status(&self, device: &DeviceRef, status_json: &str, at: i64) -> Result<usize> {
                 let done = sqlx::query($status)
@@ -167,5 +175,41 @@ fn sqlite(sql: &str) -> String {
     sql.replace('$', "?")
 }
 
-ota_store_impl!(PgStore, pg, pool, pool, PG_STATUS, "$7::TEXT IS NULL");
-ota_store_impl!(SqliteStore, sqlite, reader, writer, SQLITE_STATUS, "$7 IS NULL");
+async fn pg_open_targets(pool: &sqlx::PgPool, devices: &[DeviceRef]) -> Result<Vec<DeviceRef>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT product_id, device_id FROM ota_targets
+         WHERE state <> 'succeeded' AND (product_id, device_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
+    )
+    .bind(devices.iter().map(|d| d.product.as_str()).collect::<Vec<_>>())
+    .bind(devices.iter().map(|d| d.device.as_str()).collect::<Vec<_>>())
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeviceRef::new(
+                ProductId::parse(r.try_get::<String, _>("product_id")?).map_err(id_err)?,
+                DeviceId::parse(r.try_get::<String, _>("device_id")?).map_err(id_err)?,
+            ))
+        })
+        .collect()
+}
+
+async fn sqlite_open_targets(pool: &sqlx::SqlitePool, devices: &[DeviceRef]) -> Result<Vec<DeviceRef>> {
+    let mut open = Vec::new();
+    for device in devices {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM ota_targets WHERE product_id = ?1 AND device_id = ?2 AND state <> 'succeeded' LIMIT 1",
+        )
+        .bind(device.product.as_str())
+        .bind(device.device.as_str())
+        .fetch_optional(pool)
+        .await?;
+        if found.is_some() {
+            open.push(device.clone());
+        }
+    }
+    Ok(open)
+}
+
+ota_store_impl!(PgStore, pg, pool, pool, PG_STATUS, "$7::TEXT IS NULL", pg_open_targets);
+ota_store_impl!(SqliteStore, sqlite, reader, writer, SQLITE_STATUS, "$7 IS NULL", sqlite_open_targets);

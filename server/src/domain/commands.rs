@@ -369,6 +369,9 @@ impl CommandService {
             .insert_tag_command(&command, &events::command_state, now, inner.settings.outbox_lease_ms)
             .await?;
         inner.relay.hand_off(outbox);
+        if records.is_empty() {
+            return Err(Error::not_found("active device with tag", tag));
+        }
         metrics::counter!("iothub_commands_created_total", "mode" => "tag").increment(records.len() as u64);
         let claimed: Vec<&CommandRecord> = records.iter().filter(|r| r.next_attempt_at.is_some()).collect();
         if claimed.is_empty() {
@@ -414,13 +417,9 @@ impl CommandService {
         let outcome =
             inner.commands.change_commands(&changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await?;
         inner.relay.hand_off(outcome.outbox);
-        let mut after = records;
-        for (changed, _) in outcome.changed {
-            if let Some(slot) = after.iter_mut().find(|r| r.device == changed.device) {
-                *slot = changed;
-            }
-        }
-        Ok(after)
+        let mut changed: std::collections::HashMap<DeviceRef, CommandRecord> =
+            outcome.changed.into_iter().map(|(r, _)| (r.device.clone(), r)).collect();
+        Ok(records.into_iter().map(|r| changed.remove(&r.device).unwrap_or(r)).collect())
     }
 
     /// Every device's row of a tag command.

@@ -334,8 +334,9 @@ pub struct ShadowEvent {
 }
 
 pub fn shadow(device: &DeviceRef, source: &str, shadow: &serde_json::Value, version: i64) -> BusEvent {
-    let v = version.to_string();
-    let id = event_id(&["shadow", device.product.as_str(), device.device.as_str(), &v]);
+    // The change time keeps ids apart when a deleted device comes back under its old id at version 1.
+    let (v, at) = (version.to_string(), shadow.get("timestamp").map(|t| t.to_string()).unwrap_or_default());
+    let id = event_id(&["shadow", device.product.as_str(), device.device.as_str(), &v, &at]);
     let body = ShadowEvent {
         event_id: id.clone(),
         product_id: device.product.to_string(),

@@ -229,8 +229,22 @@ impl OtaService {
             let applied = self.ota.apply_ota_progress(progress).await?;
             metrics::counter!("iothub_ota_progress_applied_total").increment(applied as u64);
         }
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        // Status reports are frequent and rollouts rare: one query finds the devices that have an
+        // unfinished upgrade, and only their newest status is checked.
+        let mut newest: std::collections::HashMap<&DeviceRef, (&str, i64)> = std::collections::HashMap::new();
         for (device, json, at) in statuses {
-            let succeeded = self.ota.apply_ota_status(device, json, *at).await?;
+            let slot = newest.entry(device).or_insert((json, *at));
+            if *at >= slot.1 {
+                *slot = (json, *at);
+            }
+        }
+        let devices: Vec<DeviceRef> = newest.keys().map(|d| (*d).clone()).collect();
+        for device in self.ota.devices_with_open_targets(&devices).await? {
+            let (json, at) = newest[&device];
+            let succeeded = self.ota.apply_ota_status(&device, json, at).await?;
             metrics::counter!("iothub_ota_succeeded_total").increment(succeeded as u64);
         }
         Ok(())

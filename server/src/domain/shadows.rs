@@ -76,6 +76,10 @@ impl ShadowSource {
 /// Deep merge where `null` deletes; returns the top-level keys touched.
 fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) -> Vec<String> {
     fn merge_value(target: &mut Value, patch: &Value) {
+        if patch.is_object() && !target.is_object() {
+            // A new object is built by the same merge, so the nulls in it delete rather than get stored.
+            *target = Value::Object(Map::new());
+        }
         match (target, patch) {
             (Value::Object(t), Value::Object(p)) => {
                 for (k, v) in p {
@@ -203,6 +207,10 @@ impl ShadowService {
     /// Compare-and-set of a changed document; `Ok(false)` when `expected` is no longer current.
     async fn write(&self, device: &DeviceRef, expected: i64, shadow: &Shadow, source: ShadowSource) -> Result<bool> {
         let text = serde_json::to_string(shadow).expect("shadows serialise");
+        // What PostgreSQL's JSONB cannot hold (`\u0000`, numbers beyond its range) is refused, not a 500.
+        if crate::adapters::storable_json(text.as_bytes()).is_none() {
+            return Err(Error::validation("state", "contains a value the shadow store cannot hold (e.g. \\u0000)"));
+        }
         if text.len() > MAX_DOCUMENT_BYTES {
             return Err(Error::validation("state", format!("the shadow would exceed {MAX_DOCUMENT_BYTES} bytes")));
         }
@@ -304,6 +312,9 @@ mod tests {
         assert_eq!(s.delta(), map(json!({"cfg": {"rate": 5, "mode": "eco"}})));
         assert_eq!(s.metadata.reported["led"], json!({"timestamp": 11}));
         // Deep merge; null deletes (nested and top level).
+        let mut fresh = Shadow::default();
+        fresh.apply_desired(&map(json!({"cfg": {"mode": null, "rate": 5}})), 1);
+        assert_eq!(fresh.state.desired, map(json!({"cfg": {"rate": 5}})), "nulls in a new object delete");
         s.apply_desired(&map(json!({"cfg": {"mode": null, "rate": 6}, "led": null})), 12);
         assert_eq!(s.state.desired, map(json!({"cfg": {"rate": 6}})));
         assert!(!s.metadata.desired.contains_key("led"));

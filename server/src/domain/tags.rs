@@ -69,14 +69,15 @@ impl TagService {
         }
     }
 
-    /// A device's `$tags` request: answered only when iothub's version is newer than the device's.
+    /// A device's `$tags` request: answered only when the device's version differs from iothub's (newer on
+    /// the device happens after a restore or a re-created device; iothub's word wins either way).
     pub async fn answer_request(&self, device: &DeviceRef, payload: &[u8]) -> Result<bool> {
         let device_version = serde_json::from_slice::<serde_json::Value>(payload)
             .ok()
             .and_then(|v| v.get("tags_version").and_then(serde_json::Value::as_i64))
             .unwrap_or(-1);
         let current = self.get(device).await?;
-        if current.version > device_version {
+        if current.version != device_version {
             self.commands.send_internal(device, "$set_tags", set_tags_payload(&current), 0).await?;
             return Ok(true);
         }

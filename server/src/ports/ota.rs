@@ -69,6 +69,9 @@ pub trait OtaStore: Send + Sync + 'static {
     async fn device_targets(&self, device: &DeviceRef, limit: u32) -> Result<Vec<(RolloutRecord, TargetRecord)>>;
     /// Applies progress reports (older than what a target already has: ignored). Returns how many applied.
     async fn apply_ota_progress(&self, reports: &[OtaProgress]) -> Result<usize>;
+    /// Which of these devices have an unfinished target (one query for a whole ingest group, so status
+    /// reports of devices without a rollout cost nothing more).
+    async fn devices_with_open_targets(&self, devices: &[DeviceRef]) -> Result<Vec<DeviceRef>>;
     /// A status report (JSON text): open targets whose `{type}_version` it equals succeed. Returns how many.
     async fn apply_ota_status(&self, device: &DeviceRef, status_json: &str, at: i64) -> Result<usize>;
 }

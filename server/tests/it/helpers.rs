@@ -223,6 +223,8 @@ pub async fn mqtt_connect(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    // Devices that answer at once must not wait for the broker's delayed ACK (Nagle).
+    eventloop.network_options.set_tcp_nodelay(true);
     let deadline = tokio::time::sleep(Duration::from_secs(10));
     tokio::pin!(deadline);
     loop {
