@@ -328,6 +328,8 @@ impl CommandStore for PgStore {
         lease_ms: i64,
     ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
         let mut tx = self.pool().begin().await?;
+        let durability = if command.mode == CommandMode::Rpc { Durability::Relaxed } else { Durability::Required };
+        relax(&mut tx, durability).await?;
         let inserted = insert_query!(PG_SQL, command, now)
             .fetch_optional(&mut *tx)
             .await
@@ -461,6 +463,7 @@ impl CommandStore for PgStore {
         &self,
         changes: &[CommandChange],
         events_for: EventsFor<'_>,
+        durability: Durability,
         now: i64,
         lease_ms: i64,
     ) -> Result<ChangeOutcome> {
@@ -469,6 +472,7 @@ impl CommandStore for PgStore {
             return Ok(out);
         }
         let mut tx = self.pool().begin().await?;
+        relax(&mut tx, durability).await?;
         let mut events = Vec::new();
         for change in in_lock_order(changes) {
             if let Some(row) = transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
@@ -494,6 +498,14 @@ impl PgStore {
             .await?;
         row.as_ref().map(|r| command_row!(r)).transpose()
     }
+}
+
+/// SQLite runs `synchronous = NORMAL` in WAL mode anyway; PostgreSQL is told per transaction.
+async fn relax(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, durability: Durability) -> Result<()> {
+    if durability == Durability::Relaxed {
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 async fn pg_outbox(
@@ -710,6 +722,7 @@ impl CommandStore for SqliteStore {
         &self,
         changes: &[CommandChange],
         events_for: EventsFor<'_>,
+        durability: Durability,
         now: i64,
         lease_ms: i64,
     ) -> Result<ChangeOutcome> {
@@ -717,6 +730,7 @@ impl CommandStore for SqliteStore {
         if changes.is_empty() {
             return Ok(out);
         }
+        let _ = durability;
         let mut tx = self.writer().begin().await?;
         let mut events = Vec::new();
         for change in in_lock_order(changes) {

@@ -414,8 +414,10 @@ impl CommandService {
                 transition: transition.clone(),
             })
             .collect();
-        let outcome =
-            inner.commands.change_commands(&changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await?;
+        let outcome = inner
+            .commands
+            .change_commands(&changes, &events_for, Durability::Relaxed, now_ms(), inner.settings.outbox_lease_ms)
+            .await?;
         inner.relay.hand_off(outcome.outbox);
         let mut changed: std::collections::HashMap<DeviceRef, CommandRecord> =
             outcome.changed.into_iter().map(|(r, _)| (r.device.clone(), r)).collect();
@@ -450,8 +452,10 @@ impl CommandService {
     /// callers. Returns only once committed, so the webhook that carried them can be answered.
     pub async fn apply_feedback(&self, changes: &[CommandChange]) -> Result<()> {
         let inner = &self.inner;
-        let outcome =
-            inner.commands.change_commands(changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await?;
+        let outcome = inner
+            .commands
+            .change_commands(changes, &events_for, Durability::Required, now_ms(), inner.settings.outbox_lease_ms)
+            .await?;
         inner.relay.hand_off(outcome.outbox);
         let applied = outcome.changed.len();
         metrics::counter!("iothub_command_feedback_total", "outcome" => "applied").increment(applied as u64);
@@ -536,7 +540,11 @@ impl CommandService {
                 transition,
             });
         }
-        match inner.commands.change_commands(&changes, &events_for, now_ms(), inner.settings.outbox_lease_ms).await {
+        match inner
+            .commands
+            .change_commands(&changes, &events_for, Durability::Relaxed, now_ms(), inner.settings.outbox_lease_ms)
+            .await
+        {
             Ok(outcome) => {
                 inner.relay.hand_off(outcome.outbox);
                 let mut after: Vec<CommandRecord> = outcome.changed.into_iter().map(|(r, _)| r).collect();
@@ -609,8 +617,10 @@ impl CommandService {
                 transition: Transition::Expired { at: now },
             })
             .collect();
-        let outcome =
-            inner.commands.change_commands(&changes, &events_for, now, inner.settings.outbox_lease_ms).await?;
+        let outcome = inner
+            .commands
+            .change_commands(&changes, &events_for, Durability::Relaxed, now, inner.settings.outbox_lease_ms)
+            .await?;
         inner.relay.hand_off(outcome.outbox);
         metrics::counter!("iothub_commands_expired_total").increment(outcome.changed.len() as u64);
         let due =

@@ -213,6 +213,17 @@ pub struct CommandChange {
 /// Builds the events announcing one changed command (its new state, and the reply if there is one).
 pub type EventsFor<'a> = &'a (dyn Fn(&CommandRecord, &Transition) -> Vec<BusEvent> + Send + Sync);
 
+/// Whether a write must be on disk before it returns. `Relaxed` (PostgreSQL `synchronous_commit = off`:
+/// on disk within ~200 ms, lost only if the database server itself crashes in that window) is for writes
+/// whose loss costs a resend, never a command: dispatch bookkeeping (a lost `sent` means the command goes
+/// out again with the same request id, which devices drop) and RPC rows (the caller is waiting and gets an
+/// error either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Required,
+    Relaxed,
+}
+
 /// Builds the `queued` event of a freshly logged command.
 pub type QueuedEvent<'a> = &'a (dyn Fn(&CommandRecord) -> BusEvent + Send + Sync);
 
@@ -243,7 +254,8 @@ pub enum ClaimScope {
 #[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
     /// Inserts the command with its `queued` event. With an idempotency key already used for the device
-    /// the existing command comes back instead (`created = false`) and nothing is written.
+    /// the existing command comes back instead (`created = false`) and nothing is written. RPC rows are
+    /// written with [`Durability::Relaxed`].
     async fn insert_command(
         &self,
         command: &NewCommand,
@@ -290,6 +302,7 @@ pub trait CommandStore: Send + Sync + 'static {
         &self,
         changes: &[CommandChange],
         events_for: EventsFor<'_>,
+        durability: Durability,
         now: i64,
         lease_ms: i64,
     ) -> Result<ChangeOutcome>;
