@@ -18,6 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{device_ref, product_id, ApiJson, ApiQuery, ReadAccess, WriteAccess};
 use super::products::{next_page, page_limit};
+use super::telemetry::{decode_cursor, time_cursor};
 use super::SharedState;
 use crate::domain::commands::{CommandRequest, DEFAULT_RPC_TIMEOUT};
 use crate::domain::ota::{OtaPackage, OtaTarget};
@@ -27,7 +28,6 @@ use crate::ports::commands::{CommandFilter, CommandMode, CommandRecord, CommandS
 use crate::ports::ota::{RolloutRecord, TargetRecord};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-const CURSOR: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -305,14 +305,7 @@ pub struct CommandPage {
 }
 
 fn encode_cursor(c: &Command) -> String {
-    CURSOR.encode(format!("{}:{}", c.created_at, c.request_id))
-}
-
-fn decode_cursor(raw: &str) -> Result<(i64, String)> {
-    let bad = || Error::validation("cursor", "not a cursor from a previous page");
-    let text = String::from_utf8(CURSOR.decode(raw).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((at.parse().map_err(|_| bad())?, id.to_string()))
+    time_cursor(c.created_at, &c.request_id)
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product_id}/devices/{device_id}/commands", tag = "commands",

@@ -77,10 +77,16 @@ pub struct MessageQuery {
 }
 
 fn encode_cursor(m: &Message) -> String {
-    CURSOR.encode(format!("{}:{}", m.sent_at, m.message_id))
+    time_cursor(m.sent_at, &m.message_id)
 }
 
-fn decode_cursor(raw: &str) -> Result<(i64, String)> {
+/// An opaque cursor for lists ordered by `(time, id)`.
+pub(super) fn time_cursor(at: i64, id: &str) -> String {
+    CURSOR.encode(format!("{at}:{id}"))
+}
+
+/// Reads a [`time_cursor`].
+pub(super) fn decode_cursor(raw: &str) -> Result<(i64, String)> {
     let bad = || Error::validation("cursor", "not a cursor from a previous page");
     let text = String::from_utf8(CURSOR.decode(raw).map_err(|_| bad())?).map_err(|_| bad())?;
     let (at, id) = text.split_once(':').ok_or_else(bad)?;
