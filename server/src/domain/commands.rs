@@ -452,24 +452,36 @@ impl CommandService {
     /// callers. Returns only once committed, so the webhook that carried them can be answered.
     pub async fn apply_feedback(&self, changes: &[CommandChange]) -> Result<()> {
         let inner = &self.inner;
-        let outcome = inner
-            .commands
-            .change_commands(changes, &events_for, Durability::Required, now_ms(), inner.settings.outbox_lease_ms)
-            .await?;
+        // An RPC caller gets its reply while the reply is being committed: the webhook that carried it
+        // still waits for the commit (and the broker retries it on failure), so the log ends up with the
+        // same reply the caller saw. Only the caller of this device's request id can receive it.
+        let announce = async {
+            for change in changes {
+                if let Transition::Replied { mode: CommandMode::Rpc, at, payload, .. } = &change.transition {
+                    let device = &change.device;
+                    let key = reply_key(device.product.as_str(), device.device.as_str(), &change.request_id);
+                    let reply = Reply { key, payload: payload.clone(), replied_at: *at };
+                    if let Err(e) = inner.replies.announce(reply).await {
+                        // The caller's final read of the command log still finds the reply.
+                        tracing::warn!(error = %e, request_id = %change.request_id, "RPC reply not announced");
+                    }
+                }
+            }
+        };
+        let commit = inner.commands.change_commands(
+            changes,
+            &events_for,
+            Durability::Required,
+            now_ms(),
+            inner.settings.outbox_lease_ms,
+        );
+        let ((), outcome) = tokio::join!(announce, commit);
+        let outcome = outcome?;
         inner.relay.hand_off(outcome.outbox);
         let applied = outcome.changed.len();
         metrics::counter!("iothub_command_feedback_total", "outcome" => "applied").increment(applied as u64);
         metrics::counter!("iothub_command_feedback_total", "outcome" => "ignored")
             .increment((changes.len() - applied) as u64);
-        for (record, transition) in outcome.changed {
-            if let (CommandMode::Rpc, Transition::Replied { at, payload, .. }) = (record.mode, transition) {
-                let key = reply_key(record.device.product.as_str(), record.device.device.as_str(), &record.request_id);
-                if let Err(e) = inner.replies.announce(Reply { key, payload, replied_at: at }).await {
-                    // The caller's final read of the command log still finds the reply.
-                    tracing::warn!(error = %e, request_id = %record.request_id, "RPC reply not announced");
-                }
-            }
-        }
         Ok(())
     }
 
