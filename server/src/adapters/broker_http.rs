@@ -69,7 +69,20 @@ impl HttpBroker {
     }
 
     async fn send(&self, rb: RequestBuilder, what: &str) -> Result<reqwest::Response> {
-        self.authed(rb).send().await.map_err(|e| Error::Unavailable(format!("broker API {what}: {e}")))
+        let rb = self.authed(rb);
+        let retry = rb.try_clone();
+        match rb.send().await {
+            Ok(resp) => Ok(resp),
+            // A pooled keep-alive connection the broker closed while idle fails the next request before
+            // the broker read it; one retry on a fresh connection is what makes that race invisible. A
+            // timeout is not retried (the broker may have acted on the request).
+            Err(e) if !e.is_timeout() && retry.is_some() => {
+                metrics::counter!("iothub_broker_api_retries_total").increment(1);
+                tracing::debug!(error = %e, what, "broker API request failed on a reused connection; retrying once");
+                retry.expect("checked").send().await.map_err(|e| Error::Unavailable(format!("broker API {what}: {e}")))
+            }
+            Err(e) => Err(Error::Unavailable(format!("broker API {what}: {e}"))),
+        }
     }
 }
 

@@ -57,14 +57,16 @@ impl Sql {
                 "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND device_id = $2 AND idempotency_key = $3"
             )),
             get: q(format!("SELECT {COLUMNS} FROM device_commands WHERE {PK}")),
-            // Fenced by the claim: only the dispatcher whose lease is still on the row records the send (a
-            // reply in between clears the lease, and a late `sent` then changes nothing).
+            // Fenced by the claim: only the dispatcher whose lease is still on the row records the send. A fast
+            // device's reply may be committed first (replies keep the lease value): the send is still
+            // recorded, the state stays `replied`, and no retry is scheduled.
             sent: q(format!(
                 "UPDATE device_commands SET
                      state = CASE WHEN state <> 'queued' THEN state
                                   WHEN delivered_at IS NOT NULL THEN 'delivered' ELSE 'sent' END,
-                     sent_at = $4, attempts = attempts + 1, next_attempt_at = $5
-                 WHERE {PK} AND {OPEN} AND next_attempt_at = $6 RETURNING {COLUMNS}"
+                     sent_at = $4, attempts = attempts + 1,
+                     next_attempt_at = CASE WHEN {OPEN} THEN $5 ELSE NULL END
+                 WHERE {PK} AND next_attempt_at = $6 RETURNING {COLUMNS}"
             )),
             postponed: q(format!(
                 "UPDATE device_commands SET next_attempt_at = $4 WHERE {PK} AND {OPEN} AND next_attempt_at = $5
@@ -78,10 +80,10 @@ impl Sql {
                      delivered_at = $4
                  WHERE {PK} AND delivered_at IS NULL RETURNING {COLUMNS}"
             )),
-            // A reply after expiry is still the truth about what the device did: it is recorded.
+            // A reply after expiry is still the truth about what the device did: it is recorded. The lease
+            // value stays (claims skip replied rows) so the dispatcher that sent it can still record the send.
             replied: q(format!(
-                "UPDATE device_commands SET state = 'replied', replied_at = $4, reply = $5, reply_message_id = $6,
-                     next_attempt_at = NULL
+                "UPDATE device_commands SET state = 'replied', replied_at = $4, reply = $5, reply_message_id = $6
                  WHERE {PK} AND mode = $7 AND replied_at IS NULL AND state <> 'failed' RETURNING {COLUMNS}"
             )),
             expired: q(format!(

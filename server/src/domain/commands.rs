@@ -94,6 +94,10 @@ struct Inner {
 fn events_for(record: &CommandRecord, transition: &Transition) -> Vec<BusEvent> {
     match transition {
         Transition::Postponed { .. } => Vec::new(),
+        // The reply was committed before the send was recorded: announce the send only.
+        Transition::Sent { .. } if record.state.is_terminal() => {
+            vec![events::command_state(&CommandRecord { state: CommandState::Sent, ..record.clone() })]
+        }
         // A delivery report that overtook the first send left the state alone; both steps are announced now.
         Transition::Sent { .. } if record.state == CommandState::Delivered && record.attempts == 1 => {
             vec![
