@@ -268,25 +268,20 @@ impl CommandService {
             return Err(Error::Conflict(format!("device `{device}` is offline")));
         }
         let started = tokio::time::Instant::now();
-        // The request id is only known after insert; the waiter is keyed by it, so it is registered
-        // between insert and publish: the device cannot answer before it got the command.
+        // The waiter is registered before the command is logged, so no reply can slip past it.
         let (record, waiter) = self.create_rpc(device, request).await?;
-        let key = reply_key(device.product.as_str(), device.device.as_str(), &record.request_id);
-        if let Some(reply) = waiter {
-            let remaining = timeout.saturating_sub(started.elapsed());
-            if let Some(reply) = reply.recv(remaining).await {
-                metrics::histogram!("iothub_rpc_seconds").record(started.elapsed().as_secs_f64());
-                return Ok(RpcReply {
-                    request_id: record.request_id,
-                    payload: reply.payload,
-                    replied_at: reply.replied_at,
-                });
-            }
+        if let Some(reply) = waiter.recv(timeout.saturating_sub(started.elapsed())).await {
+            metrics::histogram!("iothub_rpc_seconds").record(started.elapsed().as_secs_f64());
+            return Ok(RpcReply {
+                request_id: record.request_id,
+                payload: reply.payload,
+                replied_at: reply.replied_at,
+            });
         }
         // The announcement may have been lost (Redis away): the command log has the last word.
         match self.inner.commands.get_command(device, &record.request_id).await? {
             Some(CommandRecord { reply: Some(payload), replied_at: Some(at), .. }) => {
-                tracing::debug!(key, "RPC reply found in the command log");
+                tracing::debug!(request_id = %record.request_id, "RPC reply found in the command log");
                 Ok(RpcReply { request_id: record.request_id, payload, replied_at: at })
             }
             Some(CommandRecord { state: CommandState::Failed, failure, .. }) => Err(Error::Unavailable(format!(
@@ -309,7 +304,7 @@ impl CommandService {
         &self,
         device: &DeviceRef,
         request: CommandRequest,
-    ) -> Result<(CommandRecord, Option<crate::ports::replies::ReplyWaiter>)> {
+    ) -> Result<(CommandRecord, crate::ports::replies::ReplyWaiter)> {
         let inner = &self.inner;
         let now = now_ms();
         let command = NewCommand {
@@ -333,7 +328,7 @@ impl CommandService {
         inner.relay.hand_off(outbox);
         metrics::counter!("iothub_commands_created_total", "mode" => "rpc").increment(1);
         let record = self.dispatch_detached(vec![record]).await?.pop().expect("one in, one out");
-        Ok((record, Some(waiter)))
+        Ok((record, waiter))
     }
 
     /// One command to every active device with `tag`: one request id, one row per device (replies are
