@@ -1,4 +1,4 @@
-//! Command-line interface: `serve` (default), `migrate`, `openapi`, `api-key`.
+//! Command-line interface: `serve` (default), `migrate`, `openapi`, `api-key`, `healthcheck`.
 
 use std::path::PathBuf;
 
@@ -30,6 +30,16 @@ pub enum Command {
     /// Manage business API keys.
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Ask the local instance whether it is alive (`/healthz`) or ready (`/readyz`); exit 0 when it answers 200.
+    /// Made for container health checks, where images carry no curl.
+    Healthcheck {
+        /// Check readiness (every dependency reachable) instead of liveness.
+        #[arg(long)]
+        ready: bool,
+        /// Base URL of the instance; default: `http.listen` on loopback.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +65,9 @@ pub async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
+    if let Some(Command::Healthcheck { ready, url }) = &cli.command {
+        return healthcheck(&config, *ready, url.as_deref()).await;
+    }
     telemetry::init_tracing(&config.log);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
@@ -67,7 +80,7 @@ pub async fn main() -> anyhow::Result<()> {
             println!("migrations applied to {}", redact_url(&config.database_url()));
             Ok(())
         }
-        Command::Openapi => unreachable!("handled above"),
+        Command::Openapi | Command::Healthcheck { .. } => unreachable!("handled above"),
         Command::ApiKey(cmd) => {
             let keys = ApiKeyService::new(open_store(&config, true).await?);
             match cmd {
@@ -97,6 +110,36 @@ pub async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn healthcheck(config: &Config, ready: bool, url: Option<&str>) -> anyhow::Result<()> {
+    let base = match url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => {
+            let mut addr = config.http.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            format!("http://{addr}")
+        }
+    };
+    let url = format!("{base}/{}", if ready { "readyz" } else { "healthz" });
+    let response = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url}: {status} {body}");
+    println!("{url}: {status}");
+    Ok(())
 }
 
 /// Hides the password of a database URL for display.

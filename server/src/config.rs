@@ -293,6 +293,32 @@ impl Default for CacheConfig {
     }
 }
 
+/// Suffix of a variable that names a file holding the value.
+const SECRET_FILE_SUFFIX: &str = "_FILE";
+
+/// `IOTHUB_<KEY>_FILE=/run/secrets/x` sets `<KEY>` to the file's content without its trailing line break, so
+/// secrets can come from Docker/Kubernetes secret files instead of the environment (where `/proc/*/environ`
+/// and `docker inspect` show them). Setting both forms of one key is refused rather than silently picking one.
+fn values_from_files(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<Vec<(String, String)>> {
+    let vars: Vec<(String, String)> = vars.collect();
+    let mut values = Vec::new();
+    for (name, path) in &vars {
+        let Some(key) = name.strip_prefix("IOTHUB_").and_then(|k| k.strip_suffix(SECRET_FILE_SUFFIX)) else { continue };
+        if key.is_empty() || key == "CONFIG" {
+            continue;
+        }
+        let direct = format!("IOTHUB_{key}");
+        anyhow::ensure!(
+            !vars.iter().any(|(n, _)| *n == direct),
+            "both {direct} and {name} are set; set only one of them"
+        );
+        let content = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{name}: cannot read {path}: {e}"))?;
+        let value = content.trim_end_matches(['\n', '\r']).to_string();
+        values.push((key.to_ascii_lowercase().replace("__", "."), value));
+    }
+    Ok(values)
+}
+
 impl Config {
     /// Defaults, then `file` (if given), then `IOTHUB_*` variables.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -301,8 +327,18 @@ impl Config {
             anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
             figment = figment.merge(Toml::file(path));
         }
-        // IOTHUB_CONFIG names the file itself (read by the CLI), it is not a key.
-        let config: Config = figment.merge(Env::prefixed("IOTHUB_").ignore(&["CONFIG"]).split("__")).extract()?;
+        // IOTHUB_CONFIG names the file itself (read by the CLI), it is not a key. `*_FILE` variables name a
+        // file holding the value (container secrets) and are read below.
+        figment = figment.merge(
+            Env::prefixed("IOTHUB_")
+                .ignore(&["CONFIG"])
+                .filter(|key| !key.as_str().to_ascii_uppercase().ends_with(SECRET_FILE_SUFFIX))
+                .split("__"),
+        );
+        for (key_path, value) in values_from_files(std::env::vars())? {
+            figment = figment.merge(Serialized::global(&key_path, value));
+        }
+        let config: Config = figment.extract()?;
         config.validate()?;
         Ok(config)
     }
@@ -385,6 +421,35 @@ mod tests {
         for key in keys {
             assert!(doc.contains(&format!("`{key}`")), "docs/configuration.md does not document `{key}`");
         }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn secrets_are_read_from_files_named_by_file_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("hook_token", "s3cret-token\n")?;
+            jail.create_file("db_url", "postgres://iothub:pw@db/iothub\r\n")?;
+            jail.set_env("IOTHUB_BROKER__HOOK_TOKEN_FILE", "hook_token");
+            jail.set_env("IOTHUB_DATABASE__URL_FILE", "db_url");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.broker.hook_token, "s3cret-token");
+            assert_eq!(c.database.url, "postgres://iothub:pw@db/iothub");
+
+            jail.set_env("IOTHUB_BROKER__HOOK_TOKEN", "other");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("IOTHUB_BROKER__HOOK_TOKEN_FILE"), "{err}");
+
+            jail.clear_env();
+            jail.set_env("IOTHUB_AUTH__JWT_SECRET_FILE", "missing");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("IOTHUB_AUTH__JWT_SECRET_FILE") && err.contains("missing"), "{err}");
+
+            jail.clear_env();
+            jail.create_file("typo", "x")?;
+            jail.set_env("IOTHUB_BROKER__HOOK_TOKN_FILE", "typo");
+            assert!(Config::load(None).is_err(), "a misspelt key read from a file is rejected like any other");
+            Ok(())
+        });
     }
 
     #[test]

@@ -16,11 +16,11 @@ use crate::helpers::*;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// What a simulated device received: (topic, payload).
-type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+pub type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// A device that answers like firmware built for the reference IotHub: `cmd` → `cmd_resp` with
 /// `ok:{name}`, `rpc` → `rpc_resp` with a JSON reading; commands named `slow` are never answered.
-fn answering_device(
+pub fn answering_device(
     client: AsyncClient,
     mut eventloop: EventLoop,
     device: &str,

@@ -10,6 +10,7 @@ mod events;
 mod hook_contracts;
 mod presence;
 mod registry_api;
+mod scale_out;
 mod webhook_fixtures;
 
 /// Runs an async test body once per storage backend, as two named tests.
