@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -296,25 +296,45 @@ impl Default for CacheConfig {
 /// Suffix of a variable that names a file holding the value.
 const SECRET_FILE_SUFFIX: &str = "_FILE";
 
-/// `IOTHUB_<KEY>_FILE=/run/secrets/x` sets `<KEY>` to the file's content without its trailing line break, so
-/// secrets can come from Docker/Kubernetes secret files instead of the environment (where `/proc/*/environ`
-/// and `docker inspect` show them). Setting both forms of one key is refused rather than silently picking one.
-fn values_from_files(vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<Vec<(String, String)>> {
-    let vars: Vec<(String, String)> = vars.collect();
+/// The `IOTHUB_*` layer: `IOTHUB_SECTION__KEY=value` sets `section.key`, and `IOTHUB_SECTION__KEY_FILE=path`
+/// sets it to the file's content without its trailing line break, so secrets can come from Docker/Kubernetes
+/// secret files instead of the environment (where `/proc/*/environ` and `docker inspect` show them). Setting
+/// both forms of one key is refused rather than silently picking one.
+///
+/// Values are typed by the key they set: a key whose default is text (or unset) takes the text as is, so a
+/// digits-only secret such as `0123` stays the string `0123`; other keys parse it (`6`, `true`, `[..]`).
+fn env_layer(
+    vars: impl Iterator<Item = (String, String)>,
+    defaults: &serde_json::Value,
+) -> anyhow::Result<Vec<(String, figment::value::Value)>> {
+    let vars: Vec<(String, String)> = vars.filter(|(name, _)| name.starts_with("IOTHUB_")).collect();
     let mut values = Vec::new();
-    for (name, path) in &vars {
-        let Some(key) = name.strip_prefix("IOTHUB_").and_then(|k| k.strip_suffix(SECRET_FILE_SUFFIX)) else { continue };
-        if key.is_empty() || key == "CONFIG" {
+    for (name, raw) in &vars {
+        let key = &name["IOTHUB_".len()..];
+        // IOTHUB_CONFIG names the file itself (read by the CLI), it is not a key.
+        if key == "CONFIG" {
             continue;
         }
-        let direct = format!("IOTHUB_{key}");
-        anyhow::ensure!(
-            !vars.iter().any(|(n, _)| *n == direct),
-            "both {direct} and {name} are set; set only one of them"
-        );
-        let content = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{name}: cannot read {path}: {e}"))?;
-        let value = content.trim_end_matches(['\n', '\r']).to_string();
-        values.push((key.to_ascii_lowercase().replace("__", "."), value));
+        let (key, text) = match key.strip_suffix(SECRET_FILE_SUFFIX) {
+            Some(key) if !key.is_empty() => {
+                let direct = format!("IOTHUB_{key}");
+                anyhow::ensure!(
+                    !vars.iter().any(|(n, _)| *n == direct),
+                    "both {direct} and {name} are set; set only one of them"
+                );
+                let content =
+                    std::fs::read_to_string(raw).map_err(|e| anyhow::anyhow!("{name}: cannot read {raw}: {e}"))?;
+                (key, content.trim_end_matches(['\n', '\r']).to_string())
+            }
+            _ => (key, raw.clone()),
+        };
+        let path = key.to_ascii_lowercase().replace("__", ".");
+        let default = path.split('.').try_fold(defaults, |v, k| v.get(k));
+        let value = match default {
+            Some(serde_json::Value::String(_) | serde_json::Value::Null) => figment::value::Value::from(text),
+            _ => text.parse().expect("infallible"),
+        };
+        values.push((path, value));
     }
     Ok(values)
 }
@@ -327,15 +347,8 @@ impl Config {
             anyhow::ensure!(path.exists(), "config file {} does not exist", path.display());
             figment = figment.merge(Toml::file(path));
         }
-        // IOTHUB_CONFIG names the file itself (read by the CLI), it is not a key. `*_FILE` variables name a
-        // file holding the value (container secrets) and are read below.
-        figment = figment.merge(
-            Env::prefixed("IOTHUB_")
-                .ignore(&["CONFIG"])
-                .filter(|key| !key.as_str().to_ascii_uppercase().ends_with(SECRET_FILE_SUFFIX))
-                .split("__"),
-        );
-        for (key_path, value) in values_from_files(std::env::vars())? {
+        let defaults = serde_json::to_value(Config::default())?;
+        for (key_path, value) in env_layer(std::env::vars(), &defaults)? {
             figment = figment.merge(Serialized::global(&key_path, value));
         }
         let config: Config = figment.extract()?;
@@ -431,9 +444,22 @@ mod tests {
             jail.create_file("db_url", "postgres://iothub:pw@db/iothub\r\n")?;
             jail.set_env("IOTHUB_BROKER__HOOK_TOKEN_FILE", "hook_token");
             jail.set_env("IOTHUB_DATABASE__URL_FILE", "db_url");
+            jail.create_file("pool", "6\n")?;
+            jail.set_env("IOTHUB_DATABASE__MAX_CONNECTIONS_FILE", "pool");
+            jail.create_file("api_secret", "0123456789\n")?;
+            jail.set_env("IOTHUB_BROKER__API_SECRET_FILE", "api_secret");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.broker.hook_token, "s3cret-token");
             assert_eq!(c.database.url, "postgres://iothub:pw@db/iothub");
+            assert_eq!(c.database.max_connections, 6);
+            assert_eq!(c.broker.api_secret, "0123456789", "a digits-only secret stays text, leading zero kept");
+            jail.set_env("IOTHUB_REDIS__KEY_PREFIX", "007");
+            jail.set_env("IOTHUB_HTTP__PUBLIC_URL", "http://lb:8080");
+            jail.set_env("IOTHUB_AUTH__BOOTSTRAP_ADMIN_KEY", "false");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.key_prefix, "007");
+            assert_eq!(c.http.public_url.as_deref(), Some("http://lb:8080"));
+            assert!(!c.auth.bootstrap_admin_key);
 
             jail.set_env("IOTHUB_BROKER__HOOK_TOKEN", "other");
             let err = Config::load(None).unwrap_err().to_string();

@@ -2,8 +2,9 @@
 //!
 //! Layout: `api` is the HTTP edge; `domain` holds the services (registry, access decisions, API keys);
 //! `ports` are the interfaces to the outside world and `adapters` their implementations (PostgreSQL or
-//! SQLite store; EMQX 5, EMQX 4 or RMQTT broker API; the embedded RMQTT broker). `topics` owns the MQTT
-//! topic grammar and `ids` the identifier rules. `startup` wires it all from `config`.
+//! SQLite store; EMQX 5, EMQX 4 or RMQTT broker API; the embedded RMQTT broker). `topics` (the MQTT topic
+//! grammar) and `ids` (the identifier rules) come from the `iothub-protocol` crate, shared with the device
+//! SDK. `startup` wires it all from `config`.
 
 pub mod adapters;
 pub mod api;
@@ -12,9 +13,9 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod ids;
 pub mod ports;
 pub mod secrets;
 pub mod startup;
 pub mod telemetry;
-pub mod topics;
+
+pub use iothub_protocol::{ids, topics};

@@ -413,6 +413,176 @@ pub fn parse_downstream(topic: &str) -> Option<Downstream<'_>> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The device's side of the same grammar: the topics a device publishes, and how it reads what it receives.
+// Builders are the exact inverse of `parse_upstream`; `parse_inbound` accepts exactly what iothub (and other
+// devices, for M2M) send. The device SDK uses only these.
+// ---------------------------------------------------------------------------------------------------
+
+/// Whether a command is fire-and-forget (`cmd`, answered on `cmd_resp`) or synchronous (`rpc`, `rpc_resp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandKind {
+    Cmd,
+    Rpc,
+}
+
+impl CommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Cmd => "cmd",
+            CommandKind::Rpc => "rpc",
+        }
+    }
+
+    /// The upstream kind a reply to this command travels on.
+    pub fn reply_kind(self) -> &'static str {
+        match self {
+            CommandKind::Cmd => "cmd_resp",
+            CommandKind::Rpc => "rpc_resp",
+        }
+    }
+}
+
+/// How a command's payload is carried: as is (`plain`) or base64 text the device decodes (`base64`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    Plain,
+    Base64,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Plain => "plain",
+            Encoding::Base64 => "base64",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "plain" => Some(Encoding::Plain),
+            "base64" => Some(Encoding::Base64),
+            _ => None,
+        }
+    }
+}
+
+/// `upload_data/{p}/{d}/{dataType}/{messageId}`
+pub fn upload_data_topic(product: &str, device: &str, data_type: &str, message_id: &str) -> String {
+    format!("upload_data/{product}/{device}/{data_type}/{message_id}")
+}
+
+/// `update_status/{p}/{d}/{messageId}`
+pub fn update_status_topic(product: &str, device: &str, message_id: &str) -> String {
+    format!("update_status/{product}/{device}/{message_id}")
+}
+
+/// `update_ota_status/{p}/{d}/{messageId}`
+pub fn update_ota_status_topic(product: &str, device: &str, message_id: &str) -> String {
+    format!("update_ota_status/{product}/{device}/{message_id}")
+}
+
+/// `cmd_resp|rpc_resp/{p}/{d}/{command}/{requestId}/{messageId}`
+pub fn reply_topic(
+    kind: CommandKind,
+    product: &str,
+    device: &str,
+    command: &str,
+    request_id: &str,
+    message_id: &str,
+) -> String {
+    format!("{}/{product}/{device}/{command}/{request_id}/{message_id}", kind.reply_kind())
+}
+
+/// `get/{p}/{d}/{resource}/{messageId}`
+pub fn data_request_topic(product: &str, device: &str, resource: &str, message_id: &str) -> String {
+    format!("get/{product}/{device}/{resource}/{message_id}")
+}
+
+/// `m2m/{p}/{target}/{sender}/{messageId}`
+pub fn m2m_topic(product: &str, target: &str, sender: &str, message_id: &str) -> String {
+    format!("m2m/{product}/{target}/{sender}/{message_id}")
+}
+
+/// The filter a device subscribes to for each of its tags (the ACL grants `tags/{p}/+/cmd/+/+/+/#`).
+pub fn tag_filter(product: &str, tag: &str) -> String {
+    format!("tags/{product}/{tag}/cmd/+/+/+/#")
+}
+
+/// Something a device receives, parsed strictly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// `cmd|rpc/{p}/{d}/{name}/{encoding}/{requestId}[/{expiresAt}]`, or, with `tag` set,
+    /// `tags/{p}/{tag}/cmd/{name}/{encoding}/{requestId}[/{expiresAt}]` (then `device` is empty).
+    Command {
+        kind: CommandKind,
+        product: &'a str,
+        device: &'a str,
+        tag: Option<&'a str>,
+        name: &'a str,
+        encoding: Encoding,
+        request_id: &'a str,
+        /// Unix seconds after which the command must not be executed.
+        expires_at: Option<u64>,
+    },
+    /// `m2m/{p}/{target}/{sender}/{messageId}`
+    M2m { product: &'a str, target: &'a str, sender: &'a str, message_id: &'a str },
+}
+
+/// Parses a topic a device received; `None` for anything that is not iothub's grammar.
+pub fn parse_inbound(topic: &str) -> Option<Inbound<'_>> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let valid_id = |s: &str| crate::ids::validate_id(s).is_ok();
+    let expiry = |rest: &[&str]| -> Option<Option<u64>> {
+        match rest {
+            [] => Some(None),
+            [s] if !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok().map(Some),
+            _ => None,
+        }
+    };
+    match levels[..] {
+        [kind @ ("cmd" | "rpc"), product, device, name, encoding, request_id, ref rest @ ..] => {
+            let kind = if kind == "cmd" { CommandKind::Cmd } else { CommandKind::Rpc };
+            let ok = valid_id(product) && valid_id(device) && is_name(name) && is_message_id(request_id);
+            if !ok {
+                return None;
+            }
+            Some(Inbound::Command {
+                kind,
+                product,
+                device,
+                tag: None,
+                name,
+                encoding: Encoding::parse(encoding)?,
+                request_id,
+                expires_at: expiry(rest)?,
+            })
+        }
+        ["tags", product, tag, "cmd", name, encoding, request_id, ref rest @ ..] => {
+            let ok = valid_id(product) && valid_id(tag) && is_name(name) && is_message_id(request_id);
+            if !ok {
+                return None;
+            }
+            Some(Inbound::Command {
+                kind: CommandKind::Cmd,
+                product,
+                device: "",
+                tag: Some(tag),
+                name,
+                encoding: Encoding::parse(encoding)?,
+                request_id,
+                expires_at: expiry(rest)?,
+            })
+        }
+        ["m2m", product, target, sender, message_id] => {
+            let ok = valid_id(product) && valid_id(target) && valid_id(sender) && is_message_id(message_id);
+            ok.then_some(Inbound::M2m { product, target, sender, message_id })
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +712,101 @@ mod tests {
             let parsed = parse_upstream(&topic);
             prop_assert_eq!(parsed, Ok(Upstream::UploadData { product: &p, device: &d, data_type: &t, message_id: &m }));
             prop_assert!(device_may(&p, &d, Action::Publish, &topic));
+        }
+    }
+
+    #[test]
+    fn inbound_topics_are_parsed_strictly() {
+        assert_eq!(
+            parse_inbound("rpc/p/d/getTemp/base64/r1/1700000001"),
+            Some(Inbound::Command {
+                kind: CommandKind::Rpc,
+                product: "p",
+                device: "d",
+                tag: None,
+                name: "getTemp",
+                encoding: Encoding::Base64,
+                request_id: "r1",
+                expires_at: Some(1_700_000_001),
+            })
+        );
+        assert!(matches!(
+            parse_inbound("tags/p/lab/cmd/reboot/plain/r2"),
+            Some(Inbound::Command { tag: Some("lab"), kind: CommandKind::Cmd, expires_at: None, .. })
+        ));
+        assert_eq!(
+            parse_inbound("m2m/p/d/other/m9"),
+            Some(Inbound::M2m { product: "p", target: "d", sender: "other", message_id: "m9" })
+        );
+        for bad in [
+            "cmd/p/d/x/hex/r1",
+            "cmd/p/d/x/plain",
+            "cmd/p/d/x/plain/r1/soon",
+            "cmd/p/d/x/plain/r1/",
+            "cmd/p/d/x/plain/r1/1/2",
+            "cmd/p/d/x/plain/r1/99999999999999999999999",
+            "tags/p/lab/rpc/x/plain/r1",
+            "m2m/p/d/other",
+            "m2m/p/d/o+ther/m1",
+            "",
+        ] {
+            assert_eq!(parse_inbound(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest! {
+        /// What the device SDK builds is exactly what the server parses, and what the server sends is exactly
+        /// what the SDK parses.
+        #[test]
+        fn device_and_server_agree_on_the_grammar(
+            p in "[A-Za-z0-9_-]{1,64}", d in "[A-Za-z0-9_-]{1,64}", t in "[A-Za-z0-9_-]{1,64}",
+            n in "\\$?[A-Za-z0-9_.-]{1,64}", r in "[A-Za-z0-9_.:-]{1,128}", m in "[A-Za-z0-9_.:-]{1,128}",
+            rpc in any::<bool>(), expires_ms in proptest::option::of(0i64..=4_102_444_800_000),
+        ) {
+            let kind = if rpc { CommandKind::Rpc } else { CommandKind::Cmd };
+            let (up, st, ota, get, m2m) = (
+                upload_data_topic(&p, &d, &n, &m),
+                update_status_topic(&p, &d, &m),
+                update_ota_status_topic(&p, &d, &m),
+                data_request_topic(&p, &d, &n, &m),
+                m2m_topic(&p, &t, &d, &m),
+            );
+            prop_assert_eq!(parse_upstream(&up),
+                Ok(Upstream::UploadData { product: &p, device: &d, data_type: &n, message_id: &m }));
+            prop_assert_eq!(parse_upstream(&st), Ok(Upstream::UpdateStatus { product: &p, device: &d, message_id: &m }));
+            prop_assert_eq!(parse_upstream(&ota),
+                Ok(Upstream::UpdateOtaStatus { product: &p, device: &d, message_id: &m }));
+            prop_assert_eq!(parse_upstream(&get),
+                Ok(Upstream::DataRequest { product: &p, device: &d, resource: &n, message_id: &m }));
+            prop_assert_eq!(parse_upstream(&m2m), Ok(Upstream::M2m { product: &p, target: &t, sender: &d, message_id: &m }));
+            let reply = reply_topic(kind, &p, &d, &n, &r, &m);
+            let parsed = parse_upstream(&reply).unwrap();
+            prop_assert_eq!(parsed, if rpc {
+                Upstream::RpcResp { product: &p, device: &d, command: &n, request_id: &r, message_id: &m }
+            } else {
+                Upstream::CmdResp { product: &p, device: &d, command: &n, request_id: &r, message_id: &m }
+            });
+            prop_assert!(device_may(&p, &d, Action::Publish, &reply));
+
+            let expires_at = expires_ms.map(|ms| ((ms + 999) / 1000) as u64);
+            let sent = command_topic(kind.as_str(), &p, &d, &n, "base64", &r, expires_ms);
+            prop_assert_eq!(parse_inbound(&sent), Some(Inbound::Command {
+                kind, product: &p, device: &d, tag: None, name: &n, encoding: Encoding::Base64, request_id: &r, expires_at,
+            }));
+            let tagged = tag_command_topic(&p, &t, &n, "plain", &r, expires_ms);
+            prop_assert_eq!(parse_inbound(&tagged), Some(Inbound::Command {
+                kind: CommandKind::Cmd, product: &p, device: "", tag: Some(&t), name: &n, encoding: Encoding::Plain,
+                request_id: &r, expires_at,
+            }));
+            // The tag filter delivers the tag command (filter_permits with Publish = topic name matches filter).
+            prop_assert!(filter_permits(&tag_filter(&p, &t), Action::Publish, &tagged));
+            prop_assert!(device_may(&p, &d, Action::Subscribe, &tag_filter(&p, &t)));
+        }
+
+        /// Whatever arrives, parsing never panics.
+        #[test]
+        fn inbound_parse_never_panics(topic in "[a-z_$/+#pdm1.:-]{0,60}") {
+            let _ = parse_inbound(&topic);
         }
     }
 
