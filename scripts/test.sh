@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests need (PostgreSQL, Redis, RabbitMQ,
-# protoc), starts throwaway PostgreSQL, Redis and RabbitMQ servers on loopback, then runs fmt, clippy and every
-# test. The MQTT broker needs no install: the tests start RMQTT (compiled into iothub) themselves.
+# protoc; docker-compose, haproxy and hadolint for the deployment checks), starts throwaway PostgreSQL, Redis
+# and RabbitMQ servers on loopback, then runs fmt, the deployment checks, clippy and every test. The MQTT broker needs no install: the tests start RMQTT (compiled into iothub) themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,5 +30,7 @@ export TEST_REDIS_URL="$REDIS_URL"
 export TEST_AMQP_URL="$AMQP_URL" TEST_RABBITMQ_NODE_SCRIPT="$RABBITMQ_NODE_SCRIPT"
 
 cargo fmt --all -- --check
+# Static checks of the deployment files (compose config, hadolint, haproxy -c, the EMQX config renderer).
+bash deploy/check.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked "$@"
