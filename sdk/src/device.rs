@@ -1,0 +1,618 @@
+//! The connection: a [`Device`] handle to send with, an [`Events`] stream to receive from, and the task in
+//! between that drives rumqttc, reconnects with backoff, and speaks iothub's internal protocol (`$set_ntp`,
+//! `$set_tags`, `$update_shadow`, `$shadow_reply`, `$ota_upgrade`) so the application never sees a topic.
+//!
+//! The task never waits on the MQTT client's request channel (which it drains itself): what it publishes it
+//! hands over without blocking, or from a spawned task when the channel is full.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rumqttc::{AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Packet, QoS, Request};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use iothub_protocol::topics::{self, CommandKind, Encoding, Inbound};
+
+use crate::clock::{Clock, NtpAnswer};
+use crate::config::{Backoff, DeviceConfig};
+use crate::error::{Error, Result};
+use crate::events::{Command, DeviceMessage, Event, OtaUpgrade, ShadowDesired};
+use crate::shadow::{Outgoing as ShadowOutgoing, Reaction, ShadowTracker};
+use crate::store::StateStore;
+use crate::tags::{self, SetTags};
+
+/// Largest packet accepted or sent (iothub commands carry up to 256 KiB).
+const MAX_PACKET: usize = 1 << 20;
+
+/// A connected device. Cheap to clone; every clone sends on the same connection.
+#[derive(Clone, Debug)]
+pub struct Device {
+    link: Link,
+}
+
+/// What the device receives; `None` once the device disconnected for good.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+/// The shared innards the handles in events publish through.
+#[derive(Clone)]
+pub(crate) struct Link(Arc<Inner>);
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Link({}/{})", self.0.product, self.0.device)
+    }
+}
+
+struct Inner {
+    client: AsyncClient,
+    product: String,
+    device: String,
+    clock: Clock,
+    dedup_ttl: Duration,
+    state: Mutex<State>,
+    ntp_waiters: Mutex<Vec<(i64, oneshot::Sender<i64>)>>,
+}
+
+struct State {
+    store: StateStore,
+    shadow: ShadowTracker,
+}
+
+fn new_message_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+fn check_name(field: &'static str, name: &str) -> Result<()> {
+    if !topics::is_name(name) || topics::is_internal_name(name) {
+        return Err(Error::InvalidArgument {
+            field,
+            reason: format!("{name:?} must match [A-Za-z0-9_.-]{{1,64}} (names starting with `$` are iothub's)"),
+        });
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Connects and waits for the first CONNACK. From then on the connection is kept up by itself:
+    /// dropped connections are re-established with backoff until [`Device::disconnect`].
+    pub async fn connect(config: DeviceConfig) -> Result<(Device, Events)> {
+        config.validate()?;
+        let store = match &config.state_dir {
+            Some(dir) => StateStore::open(dir, &config.product_id, &config.device_id)?,
+            None => StateStore::in_memory(),
+        };
+        let mut options = MqttOptions::new(config.client_id(), config.host.clone(), config.port);
+        options
+            .set_credentials(config.username(), config.secret.clone())
+            .set_keep_alive(config.keep_alive)
+            // iothub keeps commands for offline devices in its command log; a broker session would queue them
+            // a second time. What the device sent and was not acknowledged is kept by the task below.
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &config.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
+                ca: tls.ca_pem.clone(),
+                alpn: None,
+                client_auth: tls.client_auth.clone(),
+            }));
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // Replies go out at once instead of waiting for the broker's delayed ACK (Nagle).
+        eventloop.network_options.set_tcp_nodelay(true);
+        eventloop.network_options.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+        let inner = Arc::new(Inner {
+            client,
+            product: config.product_id.clone(),
+            device: config.device_id.clone(),
+            clock: config.clock.clone(),
+            dedup_ttl: config.dedup_ttl,
+            state: Mutex::new(State { store, shadow: ShadowTracker::default() }),
+            ntp_waiters: Mutex::new(Vec::new()),
+        });
+        let link = Link(inner);
+        let (tx, rx) = mpsc::channel(config.event_capacity.max(1));
+        let (first_tx, first_rx) = oneshot::channel();
+        let backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
+        tokio::spawn(run(link.clone(), eventloop, tx, first_tx, backoff));
+        match tokio::time::timeout(config.connect_timeout, first_rx).await {
+            Ok(Ok(Ok(()))) => Ok((Device { link }, Events { rx })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => {
+                let _ = link.0.client.try_disconnect();
+                Err(Error::Connect(format!(
+                    "no CONNACK from {}:{} within {:?}",
+                    config.host, config.port, config.connect_timeout
+                )))
+            }
+        }
+    }
+
+    pub fn product_id(&self) -> &str {
+        &self.link.0.product
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.link.0.device
+    }
+
+    /// The device's clock, corrected by the last [`Device::sync_time`].
+    pub fn clock(&self) -> &Clock {
+        &self.link.0.clock
+    }
+
+    /// Sends data of `data_type` (QoS 1; a redelivery carries the same message id, which iothub
+    /// deduplicates). Returns the message id.
+    pub async fn upload_data(&self, data_type: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
+        check_name("data_type", data_type)?;
+        let id = new_message_id();
+        let topic = topics::upload_data_topic(self.product_id(), self.device_id(), data_type, &id);
+        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
+        Ok(id)
+    }
+
+    /// Replaces the device's status document (QoS 1). Returns the message id.
+    pub async fn update_status(&self, status: &Value) -> Result<String> {
+        let id = new_message_id();
+        let topic = topics::update_status_topic(self.product_id(), self.device_id(), &id);
+        self.link.publish(topic, QoS::AtLeastOnce, serde_json::to_vec(status)?).await?;
+        Ok(id)
+    }
+
+    /// Asks business systems for `resource` (`get/...` → `iothub.events.data_request`); they answer with a
+    /// command. Returns the message id.
+    pub async fn request_data(&self, resource: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
+        check_name("resource", resource)?;
+        let id = new_message_id();
+        let topic = topics::data_request_topic(self.product_id(), self.device_id(), resource, &id);
+        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
+        Ok(id)
+    }
+
+    /// Sends `payload` to another device of the same product (M2M). Returns the message id.
+    pub async fn send_to_device(&self, device_id: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
+        iothub_protocol::ids::validate_id(device_id)
+            .map_err(|e| Error::InvalidArgument { field: "device_id", reason: e.to_string() })?;
+        let id = new_message_id();
+        let topic = topics::m2m_topic(self.product_id(), device_id, self.device_id(), &id);
+        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
+        Ok(id)
+    }
+
+    /// Measures the clock offset to iothub with `$ntp` and applies it to [`Device::clock`]. Returns the
+    /// offset in ms (iothub − local).
+    pub async fn sync_time(&self, timeout: Duration) -> Result<i64> {
+        let inner = &self.link.0;
+        let device_time = inner.clock.local_ms();
+        let (tx, rx) = oneshot::channel();
+        inner.ntp_waiters.lock().unwrap().push((device_time, tx));
+        let topic = topics::data_request_topic(&inner.product, &inner.device, "$ntp", &new_message_id());
+        self.link
+            .publish(topic, QoS::AtMostOnce, json!({ "device_time": device_time }).to_string().into_bytes())
+            .await?;
+        let answer = tokio::time::timeout(timeout, rx).await;
+        inner.ntp_waiters.lock().unwrap().retain(|(t, tx)| *t != device_time && !tx.is_closed());
+        match answer {
+            Ok(Ok(offset)) => Ok(offset),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout("$set_ntp")),
+        }
+    }
+
+    /// The device's tags and their version, as last received from iothub (persisted).
+    pub fn tags(&self) -> (Vec<String>, i64) {
+        let state = self.link.0.state.lock().unwrap();
+        (state.store.state().tags.clone(), state.store.state().tags_version)
+    }
+
+    /// The shadow version the device knows (persisted).
+    pub fn shadow_version(&self) -> i64 {
+        self.link.0.state.lock().unwrap().store.state().shadow_version
+    }
+
+    /// Reports state to the shadow (`$shadow_reported`). Keys merge into `state.reported`; `null` deletes
+    /// a key. A report that races with another change is sent again against iothub's newer version.
+    pub async fn report_shadow(&self, reported: Value) -> Result<()> {
+        let Value::Object(reported) = reported else {
+            return Err(Error::InvalidArgument { field: "reported", reason: "must be a JSON object".into() });
+        };
+        let out = {
+            let mut state = self.link.0.state.lock().unwrap();
+            let version = state.store.state().shadow_version;
+            state.shadow.report(reported, version, Instant::now())
+        };
+        if let Some(out) = out {
+            self.link.send_shadow(out).await?;
+        }
+        Ok(())
+    }
+
+    /// Disconnects cleanly; the event stream ends.
+    pub async fn disconnect(&self) -> Result<()> {
+        self.link.0.client.disconnect().await?;
+        Ok(())
+    }
+}
+
+impl Link {
+    async fn publish(&self, topic: String, qos: QoS, payload: Vec<u8>) -> Result<()> {
+        self.0.client.publish(topic, qos, false, payload).await?;
+        Ok(())
+    }
+
+    /// From the connection task: never waits on the request channel it drains itself.
+    fn publish_detached(&self, topic: String, qos: QoS, payload: Vec<u8>) {
+        if let Err(rumqttc::ClientError::TryRequest(_)) =
+            self.0.client.try_publish(topic.clone(), qos, false, payload.clone())
+        {
+            let client = self.0.client.clone();
+            tokio::spawn(async move {
+                let _ = client.publish(topic, qos, false, payload).await;
+            });
+        }
+    }
+
+    pub(crate) async fn respond(
+        &self,
+        kind: CommandKind,
+        name: &str,
+        request_id: &str,
+        payload: Vec<u8>,
+    ) -> Result<String> {
+        let id = new_message_id();
+        let topic = topics::reply_topic(kind, &self.0.product, &self.0.device, name, request_id, &id);
+        self.publish(topic, QoS::AtLeastOnce, payload).await?;
+        Ok(id)
+    }
+
+    pub(crate) async fn ota_status(&self, body: Value) -> Result<String> {
+        let id = new_message_id();
+        let topic = topics::update_ota_status_topic(&self.0.product, &self.0.device, &id);
+        self.publish(topic, QoS::AtLeastOnce, body.to_string().into_bytes()).await?;
+        Ok(id)
+    }
+
+    pub(crate) async fn shadow_applied(&self, applied_version: i64) -> Result<()> {
+        let out = {
+            let mut state = self.0.state.lock().unwrap();
+            let version = state.store.state().shadow_version;
+            state.shadow.applied(applied_version, version, Instant::now())
+        };
+        if let Some(out) = out {
+            self.send_shadow(out).await?;
+        }
+        Ok(())
+    }
+
+    fn shadow_topic(&self, out: &ShadowOutgoing) -> String {
+        topics::upload_data_topic(&self.0.product, &self.0.device, out.data_type, &new_message_id())
+    }
+
+    async fn send_shadow(&self, out: ShadowOutgoing) -> Result<()> {
+        self.publish(self.shadow_topic(&out), QoS::AtLeastOnce, out.payload.to_string().into_bytes()).await
+    }
+
+    fn send_shadow_detached(&self, out: ShadowOutgoing) {
+        self.publish_detached(self.shadow_topic(&out), QoS::AtLeastOnce, out.payload.to_string().into_bytes());
+    }
+
+    /// Applies a store change, logging (not failing on) a disk error: the device keeps working on what it
+    /// has in memory.
+    fn persist(&self, what: &str, result: Result<()>) {
+        if let Err(e) = result {
+            tracing::warn!(device = %self.0.device, error = %e, "could not persist {what}");
+        }
+    }
+}
+
+/// Drives the connection until the application disconnects.
+async fn run(
+    link: Link,
+    mut eventloop: EventLoop,
+    tx: mpsc::Sender<Event>,
+    first: oneshot::Sender<Result<()>>,
+    mut backoff: Backoff,
+) {
+    let mut first = Some(first);
+    let mut connected = false;
+    // Publishes not yet acknowledged when the connection dropped. rumqttc discards them when the broker
+    // starts a new session; they are put back so QoS 1 really is at least once across reconnects.
+    let mut unacknowledged: Vec<Request> = Vec::new();
+    loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff.reset();
+                connected = true;
+                eventloop.pending.extend(unacknowledged.drain(..));
+                if let Some(first) = first.take() {
+                    let _ = first.send(Ok(()));
+                }
+                on_connected(&link);
+                let _ = tx.send(Event::Connected { session_present: ack.session_present }).await;
+            }
+            Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
+                for event in on_publish(&link, &publish.topic, &publish.payload) {
+                    // A dropped Events stream just means nobody listens; sending goes on.
+                    let _ = tx.send(event).await;
+                }
+            }
+            Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(_) => {}
+            Err(e) => {
+                unacknowledged.extend(
+                    eventloop
+                        .pending
+                        .drain(..)
+                        .filter(|r| matches!(r, Request::Publish(p) if p.qos != QoS::AtMostOnce)),
+                );
+                if let ConnectionError::ConnectionRefused(code) = &e {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(Error::Refused(format!("{code:?}"))));
+                        return;
+                    }
+                }
+                if matches!(e, ConnectionError::RequestsDone) {
+                    break;
+                }
+                if connected {
+                    connected = false;
+                    let _ = tx.send(Event::Disconnected { reason: e.to_string() }).await;
+                }
+                let delay = backoff.next_delay();
+                tracing::debug!(device = %link.0.device, error = %e, ?delay, "reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// On every (re)connect: subscribe to the tag topics (the broker may have lost them with the session), ask
+/// for newer tags and for the shadow, and resend a shadow message whose reply never came.
+fn on_connected(link: &Link) {
+    let inner = &link.0;
+    let (tags, tags_version, resend) = {
+        let mut state = inner.state.lock().unwrap();
+        let version = state.store.state().shadow_version;
+        let resend = state.shadow.resend(version, Instant::now());
+        (state.store.state().tags.clone(), state.store.state().tags_version, resend)
+    };
+    for tag in tags {
+        subscribe_tag(link, &tag);
+    }
+    let request = |resource: &str, body: Value| {
+        let topic = topics::data_request_topic(&inner.product, &inner.device, resource, &new_message_id());
+        link.publish_detached(topic, QoS::AtLeastOnce, body.to_string().into_bytes());
+    };
+    request("$tags", json!({ "tags_version": tags_version }));
+    request("$shadow", json!({}));
+    if let Some(out) = resend {
+        link.send_shadow_detached(out);
+    }
+}
+
+fn subscribe_tag(link: &Link, tag: &str) {
+    let filter = topics::tag_filter(&link.0.product, tag);
+    if link.0.client.try_subscribe(filter.clone(), QoS::AtLeastOnce).is_err() {
+        let client = link.0.client.clone();
+        tokio::spawn(async move {
+            let _ = client.subscribe(filter, QoS::AtLeastOnce).await;
+        });
+    }
+}
+
+fn unsubscribe_tag(link: &Link, tag: &str) {
+    let filter = topics::tag_filter(&link.0.product, tag);
+    if link.0.client.try_unsubscribe(filter.clone()).is_err() {
+        let client = link.0.client.clone();
+        tokio::spawn(async move {
+            let _ = client.unsubscribe(filter).await;
+        });
+    }
+}
+
+/// Turns one received publish into what the application should see (often nothing). Anything malformed is
+/// logged and dropped: bad input from the network never panics and never reaches the application.
+pub(crate) fn on_publish(link: &Link, topic: &str, payload: &[u8]) -> Vec<Event> {
+    let inner = &link.0;
+    let Some(inbound) = topics::parse_inbound(topic) else {
+        tracing::warn!(device = %inner.device, topic, "ignored a message on a topic outside iothub's grammar");
+        return Vec::new();
+    };
+    match inbound {
+        Inbound::Command { kind, product, device, tag, name, encoding, request_id, expires_at } => {
+            if product != inner.product || (tag.is_none() && device != inner.device) {
+                tracing::warn!(device = %inner.device, topic, "ignored a command addressed to another device");
+                return Vec::new();
+            }
+            let payload = match encoding {
+                Encoding::Plain => payload.to_vec(),
+                Encoding::Base64 => match base64::engine::general_purpose::STANDARD.decode(payload) {
+                    Ok(decoded) => decoded,
+                    Err(_) => {
+                        tracing::warn!(device = %inner.device, request_id, "ignored a command whose base64 payload does not decode");
+                        return Vec::new();
+                    }
+                },
+            };
+            if topics::is_internal_name(name) {
+                return on_internal(link, name, request_id, expires_at, payload);
+            }
+            if !fresh(link, "c", request_id, expires_at) {
+                return Vec::new();
+            }
+            vec![Event::Command(Command {
+                kind,
+                name: name.to_string(),
+                request_id: request_id.to_string(),
+                payload,
+                expires_at,
+                tag: tag.map(str::to_string),
+                link: link.clone(),
+            })]
+        }
+        Inbound::M2m { product, target, sender, message_id } => {
+            if product != inner.product || target != inner.device {
+                return Vec::new();
+            }
+            if !fresh(link, "m", &format!("{sender}/{message_id}"), None) {
+                return Vec::new();
+            }
+            vec![Event::Message(DeviceMessage {
+                sender: sender.to_string(),
+                message_id: message_id.to_string(),
+                payload: payload.to_vec(),
+            })]
+        }
+    }
+}
+
+/// Not expired (by the corrected clock) and not seen before (persistent dedup).
+fn fresh(link: &Link, kind: &str, id: &str, expires_at: Option<u64>) -> bool {
+    let inner = &link.0;
+    let now = inner.clock.now_ms();
+    if let Some(expires_at) = expires_at {
+        if inner.clock.is_expired(expires_at) {
+            tracing::info!(device = %inner.device, id, expires_at, "dropped an expired command");
+            return false;
+        }
+    }
+    let forget_at = match expires_at {
+        Some(s) => (s as i64).saturating_mul(1000).max(now) + 60_000,
+        None => now + inner.dedup_ttl.as_millis() as i64,
+    };
+    let first = inner.state.lock().unwrap().store.first_time(&format!("{kind}:{id}"), forget_at, now);
+    match first {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(device = %inner.device, id, "dropped a duplicate");
+            false
+        }
+        // Better to run a command twice after a crash than never: deliver it, say why.
+        Err(e) => {
+            tracing::warn!(device = %inner.device, id, error = %e, "dedup store failed; delivering anyway");
+            true
+        }
+    }
+}
+
+fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64>, payload: Vec<u8>) -> Vec<Event> {
+    let inner = &link.0;
+    let body: Value = match serde_json::from_slice(&payload) {
+        Ok(body) => body,
+        Err(_) => {
+            tracing::warn!(device = %inner.device, name, "ignored an internal command whose body is not JSON");
+            return Vec::new();
+        }
+    };
+    match name {
+        "$set_ntp" => {
+            let Ok(answer) = serde_json::from_value::<NtpAnswer>(body) else { return Vec::new() };
+            let offset = answer.offset_ms(inner.clock.local_ms());
+            inner.clock.set_offset_ms(offset);
+            let mut waiters = inner.ntp_waiters.lock().unwrap();
+            let (answered, waiting): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut *waiters).into_iter().partition(|(t, _)| *t == answer.device_time);
+            *waiters = waiting;
+            for (_, tx) in answered {
+                let _ = tx.send(offset);
+            }
+            vec![Event::TimeSynced { offset_ms: offset }]
+        }
+        "$set_tags" => {
+            let Ok(push) = serde_json::from_value::<SetTags>(body) else { return Vec::new() };
+            let mut state = inner.state.lock().unwrap();
+            if !push.is_newer_than(state.store.state().tags_version) {
+                return Vec::new();
+            }
+            let new_tags = push.valid_tags();
+            let diff = tags::diff(&state.store.state().tags, &new_tags);
+            let saved = state.store.set_tags(new_tags.clone(), push.tags_version);
+            drop(state);
+            link.persist("tags", saved);
+            for tag in &diff.subscribe {
+                subscribe_tag(link, tag);
+            }
+            for tag in &diff.unsubscribe {
+                unsubscribe_tag(link, tag);
+            }
+            vec![Event::TagsChanged { tags: new_tags, version: push.tags_version }]
+        }
+        "$update_shadow" | "$shadow_reply" => {
+            let (reaction, saved) = {
+                let mut state = inner.state.lock().unwrap();
+                let mut version = state.store.state().shadow_version;
+                let reaction = if name == "$update_shadow" {
+                    state.shadow.on_update(&body, &mut version)
+                } else {
+                    state.shadow.on_reply(&body, &mut version, Instant::now())
+                };
+                (reaction, state.store.set_shadow_version(version))
+            };
+            link.persist("shadow version", saved);
+            let Reaction { send, desired, dropped_report } = reaction;
+            if let Some(out) = send {
+                link.send_shadow_detached(out);
+            }
+            let mut events = Vec::new();
+            if let Some(document) = desired {
+                events.push(Event::ShadowDesired(ShadowDesired::from_document(document, link.clone())));
+            }
+            if let Some(reported) = dropped_report {
+                tracing::warn!(device = %inner.device, "a shadow report was refused repeatedly and given up");
+                events.push(Event::ShadowReportDropped { reported });
+            }
+            events
+        }
+        "$ota_upgrade" => {
+            if !fresh(link, "o", request_id, expires_at) {
+                return Vec::new();
+            }
+            let text = |k: &str| body.get(k).and_then(Value::as_str).map(str::to_string);
+            let (Some(url), Some(version)) = (text("url"), text("version")) else {
+                tracing::warn!(device = %inner.device, request_id, "ignored an OTA upgrade without url or version");
+                return Vec::new();
+            };
+            vec![Event::OtaUpgrade(OtaUpgrade {
+                url,
+                version,
+                size: body.get("size").and_then(Value::as_u64).unwrap_or_default(),
+                md5: text("md5").unwrap_or_default(),
+                kind: text("type").unwrap_or_else(|| "firmware".into()),
+                rollout_id: text("rollout_id"),
+                link: link.clone(),
+            })]
+        }
+        other => {
+            tracing::debug!(device = %inner.device, name = other, "ignored an internal command this SDK does not know");
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_link(clock: Clock, store: StateStore) -> Link {
+    // A client whose event loop is never polled: what is published stays in its channel.
+    let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 1024);
+    std::mem::forget(eventloop);
+    Link(Arc::new(Inner {
+        client,
+        product: "p".into(),
+        device: "d".into(),
+        clock,
+        dedup_ttl: Duration::from_secs(3600),
+        state: Mutex::new(State { store, shadow: ShadowTracker::default() }),
+        ntp_waiters: Mutex::new(Vec::new()),
+    }))
+}
