@@ -11,6 +11,7 @@ mod hook_contracts;
 mod presence;
 mod registry_api;
 mod scale_out;
+mod sdk;
 mod webhook_fixtures;
 
 /// Runs an async test body once per storage backend, as two named tests.

@@ -1,0 +1,187 @@
+//! The device SDK (`iothub-device`) and the server together, through the real broker (the bundled RMQTT),
+//! PostgreSQL, Redis and RabbitMQ: what device code written against the SDK gets, with no topic in sight.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iothub_device::{CommandKind, Device, DeviceConfig, Event};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+
+use crate::helpers::*;
+
+/// An SDK device that answers like firmware would: commands with `ok:{name}`, RPCs with a reading; it
+/// records every event it saw (commands by request id).
+struct Firmware {
+    device: Device,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl Firmware {
+    async fn start(config: DeviceConfig) -> Self {
+        let (device, mut events) = Device::connect(config).await.expect("SDK connects");
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let entry = match &event {
+                    Event::Command(c) => {
+                        let reply = match c.kind {
+                            CommandKind::Rpc => json!({"temp": 21.5}).to_string(),
+                            _ => format!("ok:{}", c.name),
+                        };
+                        c.respond(reply).await.expect("respond");
+                        format!("command {} {}", c.name, c.request_id)
+                    }
+                    Event::Message(m) => format!("message {} {}", m.sender, String::from_utf8_lossy(&m.payload)),
+                    Event::Connected { .. } => "connected".into(),
+                    Event::Disconnected { .. } => "disconnected".into(),
+                    other => format!("{other:?}"),
+                };
+                log.lock().unwrap().push(entry);
+            }
+        });
+        Self { device, seen, task }
+    }
+
+    fn saw(&self, prefix: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|e| e.starts_with(prefix)).count()
+    }
+
+    async fn stop(self) {
+        self.device.disconnect().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("event stream ends").unwrap();
+    }
+}
+
+fn config(hub: &TestHub, device: &str, secret: &str) -> DeviceConfig {
+    let mut c = DeviceConfig::new("p", device, secret, hub.mqtt_addr.ip().to_string(), hub.mqtt_addr.port());
+    c.reconnect_min = Duration::from_millis(100);
+    c.reconnect_max = Duration::from_millis(500);
+    c
+}
+
+async fn online(hub: &TestHub, device: &str, want: bool) {
+    eventually(Duration::from_secs(15), &format!("{device} online={want}"), || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/devices/{device}"), None).await;
+        (v["online"] == want).then_some(())
+    })
+    .await
+}
+
+async fn command_state(hub: &TestHub, device: &str, request_id: &str, state: &str) -> Value {
+    eventually(Duration::from_secs(15), &format!("command {request_id} {state}"), || async {
+        let (_, v) =
+            hub.call(Method::GET, &format!("/api/v1/products/p/devices/{device}/commands/{request_id}"), None).await;
+        (v["state"] == state).then_some(v)
+    })
+    .await
+}
+
+/// Data, status, data requests, commands, RPC and M2M from SDK devices; a command queued while the device
+/// was away reaches it exactly once after it comes back (with its state directory), an expired one never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_devices_round_trip_through_the_broker() {
+    let hub = TestHub::start_production().await;
+    hub.create_product("p").await;
+    let (s1, s2) = (hub.register("p", "d1").await, hub.register("p", "d2").await);
+    let mut consumer = EventConsumer::bind(&amqp_url(), &hub.config.rabbitmq.exchange_prefix, "p", "").await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut c1 = config(&hub, "d1", &s1);
+    c1.state_dir = Some(state_dir.path().to_path_buf());
+
+    // A wrong secret is a typed refusal, not a hang.
+    let refused = Device::connect(config(&hub, "d1", "wrong")).await;
+    assert!(matches!(refused, Err(iothub_device::Error::Refused(_))), "{refused:?}");
+
+    let d1 = Firmware::start(c1.clone()).await;
+    let d2 = Firmware::start(config(&hub, "d2", &s2)).await;
+    online(&hub, "d1", true).await;
+    online(&hub, "d2", true).await;
+
+    // Upstream: data, status and a data request, each announced once with the SDK's message id.
+    let data_id = d1.device.upload_data("temperature", br#"{"celsius":21.5}"#.to_vec()).await.unwrap();
+    let status_id = d1.device.update_status(&json!({"firmware_version": "1.0.0"})).await.unwrap();
+    let request_id = d1.device.request_data("weather", b"{}".to_vec()).await.unwrap();
+    assert!(matches!(
+        d1.device.upload_data("$shadow_reported", b"{}".to_vec()).await,
+        Err(iothub_device::Error::InvalidArgument { field: "data_type", .. })
+    ));
+    let events = consumer
+        .collect_until(Duration::from_secs(15), |seen| {
+            let has = |kind: &str, id: &str| seen.iter().any(|(k, v)| k == kind && v["message_id"] == id);
+            has("upload_data", &data_id) && has("update_status", &status_id) && has("data_request", &request_id)
+        })
+        .await;
+    assert!(events.iter().any(|(k, v)| k == "data_request" && v["resource"] == "weather"));
+    let (_, msg) = hub.call(Method::GET, &format!("/api/v1/products/p/devices/d1/messages/{data_id}"), None).await;
+    assert_eq!(msg["data_type"], "temperature", "{msg}");
+    let (_, status) = hub.call(Method::GET, "/api/v1/products/p/devices/d1/status", None).await;
+    assert_eq!(status["status"], json!({"firmware_version": "1.0.0"}), "{status}");
+
+    // A command and an RPC, answered through `respond`.
+    let (s, cmd) = hub
+        .call(Method::POST, "/api/v1/products/p/devices/d1/commands", Some(json!({"name": "blink", "payload": "x"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{cmd}");
+    let blink = cmd["request_id"].as_str().unwrap().to_string();
+    let replied = command_state(&hub, "d1", &blink, "replied").await;
+    assert_eq!(replied["reply"]["payload"], "b2s6Ymxpbms=", "ok:blink, base64: {replied}");
+    let (s, rpc) = hub
+        .call(Method::POST, "/api/v1/products/p/devices/d1/rpc", Some(json!({"name": "getTemp", "timeout_ms": 5000})))
+        .await;
+    assert_eq!((s, rpc["reply"]["json"].clone()), (StatusCode::OK, json!({"temp": 21.5})), "{rpc}");
+
+    // M2M: d2 writes to d1, who learns the sender.
+    d2.device.send_to_device("d1", b"hello d1".to_vec()).await.unwrap();
+    eventually(Duration::from_secs(10), "m2m message", || async { (d1.saw("message d2 hello d1") == 1).then_some(()) })
+        .await;
+
+    // Away: one command waits, a short-lived one expires.
+    d1.stop().await;
+    online(&hub, "d1", false).await;
+    let send = |body: Value| hub.call(Method::POST, "/api/v1/products/p/devices/d1/commands", Some(body));
+    let (_, reboot) = send(json!({"name": "reboot", "ttl_secs": 120})).await;
+    let (_, short) = send(json!({"name": "short", "ttl_secs": 1})).await;
+    let (reboot, short) = (reboot["request_id"].as_str().unwrap(), short["request_id"].as_str().unwrap());
+    command_state(&hub, "d1", short, "expired").await;
+    let back = Firmware::start(c1).await;
+    command_state(&hub, "d1", reboot, "replied").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(back.saw(&format!("command reboot {reboot}")), 1, "delivered once: {:?}", back.seen);
+    assert_eq!(back.saw("command short"), 0, "an expired command never reaches the device");
+    assert_eq!(back.saw("command blink"), 0, "nothing from before is replayed");
+
+    back.stop().await;
+    d2.stop().await;
+    consumer.close().await;
+    hub.stop().await;
+}
+
+/// The SDK keeps the connection up by itself: a device kicked by a suspension reconnects (with backoff) once
+/// it is resumed, and works as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_reconnects_after_the_broker_drops_it() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let device = Firmware::start(config(&hub, "d", &secret)).await;
+    online(&hub, "d", true).await;
+    let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/d/suspend", None).await;
+    assert_eq!(s, StatusCode::OK);
+    eventually(Duration::from_secs(10), "kicked", || async { (device.saw("disconnected") >= 1).then_some(()) }).await;
+    online(&hub, "d", false).await;
+    // While suspended, the reconnect attempts are refused; after resume one of them gets in.
+    let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/d/resume", None).await;
+    assert_eq!(s, StatusCode::OK);
+    eventually(Duration::from_secs(15), "reconnected", || async { (device.saw("connected") >= 2).then_some(()) }).await;
+    online(&hub, "d", true).await;
+    let (s, rpc) = hub
+        .call(Method::POST, "/api/v1/products/p/devices/d/rpc", Some(json!({"name": "ping", "timeout_ms": 5000})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rpc}");
+    device.stop().await;
+    hub.stop().await;
+}
