@@ -48,9 +48,9 @@
 //!   until its expiry, or [`DeviceConfig::dedup_ttl`]); iothub's delivery is at least once, so together a
 //!   command runs once. Without [`DeviceConfig::state_dir`] the memory is lost with the process.
 //! - Nothing received from the network can make the SDK panic; malformed messages are logged and dropped.
-//! - Brokers: EMQX follows MQTT and routes the `$` levels inside iothub's internal topics. RMQTT (iothub's
-//!   bundled broker) does not route topics with a `$` level after the first one, so with it NTP, tags, shadow
-//!   and OTA pushes do not reach the device (see docs/commands.md in the iothub repository).
+//! - Brokers: EMQX and iothub's bundled broker route the `$` levels inside iothub's internal topics; a
+//!   stand-alone RMQTT does not (NTP, tags, shadow and OTA pushes would not reach the device; see
+//!   docs/commands.md in the iothub repository).
 
 pub mod clock;
 pub mod config;

@@ -123,6 +123,8 @@ pub struct EmbeddedBroker {
     scx: ServerContext,
     server_task: Option<tokio::task::JoinHandle<()>>,
     mqtt_addr: SocketAddr,
+    /// Keeps the `$`-topic forwarder registered for the broker's lifetime.
+    _dollar_hooks: Box<dyn rmqtt::hook::Register>,
 }
 
 impl EmbeddedBroker {
@@ -134,6 +136,7 @@ impl EmbeddedBroker {
             anyhow::bail!("environment variable {k} would override the embedded broker's security config; unset it");
         }
         let configs = plugin_configs(&settings)?;
+        let webhook_url = hook_url(&settings.hooks_base_url, "/broker/rmqtt/webhook", Some(&settings.hook_token))?;
         let mqtt_listen = settings.mqtt_listen;
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rmqtt").enable_all().build()?;
@@ -145,6 +148,18 @@ impl EmbeddedBroker {
                 builder = builder.plugins_config_map_add(name, toml);
             }
             let scx = builder.build().await;
+            // Before any plugin or client uses it: the router that routes iothub's inner-`$` topics.
+            *scx.extends.router_mut().await = Box::new(crate::adapters::rmqtt_dollar::DollarTolerantRouter::new(
+                rmqtt::router::DefaultRouter::new(Some(scx.clone())),
+            ));
+            let dollar_hooks = scx.extends.hook_mgr().register();
+            dollar_hooks
+                .add(
+                    rmqtt::hook::Type::MessagePublish,
+                    Box::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url)),
+                )
+                .await;
+            dollar_hooks.start().await;
             // Order matters only for readability: auth-http (priority 100) runs before acl (10).
             rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;
             rmqtt_retainer::register(&scx, true, false).await.context("rmqtt-retainer")?;
@@ -168,12 +183,18 @@ impl EmbeddedBroker {
                     tracing::error!(error = %e, "embedded MQTT server stopped");
                 }
             });
-            anyhow::Ok((scx, task, bound))
+            anyhow::Ok((scx, task, bound, dollar_hooks))
         });
         match boot.await {
-            Ok(Ok((scx, task, bound))) => {
+            Ok(Ok((scx, task, bound, dollar_hooks))) => {
                 tracing::info!(mqtt = %bound, "embedded MQTT broker listening");
-                Ok(Self { runtime: Some(runtime), scx, server_task: Some(task), mqtt_addr: bound })
+                Ok(Self {
+                    runtime: Some(runtime),
+                    scx,
+                    server_task: Some(task),
+                    mqtt_addr: bound,
+                    _dollar_hooks: dollar_hooks,
+                })
             }
             Ok(Err(e)) => {
                 runtime.shutdown_background();

@@ -5,7 +5,8 @@
 //!   [`TagStore`](crate::ports::tags::TagStore) and [`ShadowStore`](crate::ports::shadows::ShadowStore) on the
 //!   same two databases.
 //! - `broker_http`: the [`BrokerApi`](crate::ports::broker::BrokerApi) over EMQX 5 or EMQX 4 / RMQTT REST.
-//! - `embedded_broker`: RMQTT running inside this process, wired to this instance's hooks.
+//! - `embedded_broker`: RMQTT running inside this process, wired to this instance's hooks; `rmqtt_dollar`
+//!   makes it route and report iothub's inner-`$` topics as MQTT (and EMQX) do.
 //! - `redis_dedup` / `memory_dedup`: the [`Deduplicator`](crate::ports::dedup::Deduplicator).
 //! - `rabbitmq` / `memory_bus`: the [`EventBus`](crate::ports::event_bus::EventBus).
 //! - `redis_replies` / `memory_replies`: the [`ReplyHub`](crate::ports::replies::ReplyHub) RPC callers wait on.
@@ -21,6 +22,7 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod redis_dedup;
 pub mod redis_replies;
+pub mod rmqtt_dollar;
 pub mod shadow_store;
 pub mod sqlite;
 pub mod tag_store;

@@ -197,9 +197,9 @@ async fn commands_round_trip_through_the_broker() {
         hub.call(Method::POST, &format!("{base}/rpc"), Some(json!({"name": "x", "timeout_ms": 31_000}))).await;
     assert_eq!((s, bad["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("timeout_ms")), "{bad}");
 
-    // NTP. RMQTT neither matches nor routes topics with a `$` level after the first (it deviates from MQTT
-    // §4.7.2 there; EMQX does not), so the device's `get/.../$ntp/...` cannot reach iothub through it. The
-    // request comes as EMQX 5 would send it; iothub answers through the real broker API.
+    // NTP through EMQX 5's contract: the request comes as EMQX 5's rule would post it, iothub answers through
+    // the real broker API. (Over the bundled broker the same round trip is `sdk::sdk_devices_follow_time_tags_
+    // shadow_and_ota`.)
     let ntp_request = json!({
         "event": "message.publish", "id": "0006", "clientid": "d1-main", "username": "p1/d1",
         "payload": B64.encode(r#"{"device_time":1234567}"#), "peerhost": "127.0.0.1", "topic": "get/p1/d1/$ntp/n1",
@@ -467,8 +467,8 @@ async fn tag_commands_track_each_device() {
     hub.stop().await;
 }
 
-/// Posts one EMQX 5 `message.publish` event to iothub, as EMQX's rule would. Used for the reference
-/// protocol's `$` topics, which RMQTT cannot carry (see docs/commands.md).
+/// Posts one EMQX 5 `message.publish` event to iothub, as EMQX's rule would: the reference protocol's `$`
+/// topics tested through EMQX 5's contract (the SDK tests carry them over the bundled broker).
 async fn emqx5_publish(hub: &TestHub, username: &str, topic: &str, payload: &[u8]) {
     let now = iothub::clock::now_ms();
     let event = json!({

@@ -1,5 +1,7 @@
 //! The device SDK (`iothub-device`) and the server together, through the real broker (the bundled RMQTT),
-//! PostgreSQL, Redis and RabbitMQ: what device code written against the SDK gets, with no topic in sight.
+//! PostgreSQL, Redis and RabbitMQ: what device code written against the SDK gets, with no topic in sight —
+//! including iothub's internal `$` protocol (NTP, tags, shadow, OTA), which the bundled broker routes
+//! thanks to `adapters::rmqtt_dollar`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +26,7 @@ impl Firmware {
         let (device, mut events) = Device::connect(config).await.expect("SDK connects");
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = seen.clone();
+        let upgrade_device = device.clone();
         let task = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let entry = match &event {
@@ -36,6 +39,19 @@ impl Firmware {
                         format!("command {} {}", c.name, c.request_id)
                     }
                     Event::Message(m) => format!("message {} {}", m.sender, String::from_utf8_lossy(&m.payload)),
+                    Event::ShadowDesired(desired) => {
+                        desired.applied().await.expect("ack the desired state");
+                        format!("shadow {} {}", desired.version, Value::Object(desired.delta.clone()))
+                    }
+                    Event::OtaUpgrade(upgrade) => {
+                        let reporter = upgrade.reporter();
+                        for percent in [0, 40, 100] {
+                            reporter.progress(percent).await.expect("progress");
+                        }
+                        upgrade_device.update_status(&upgrade.success_status()).await.expect("status");
+                        format!("ota {}", upgrade.version)
+                    }
+                    Event::TagsChanged { tags, version } => format!("tags {version} {}", tags.join(",")),
                     Event::Connected { .. } => "connected".into(),
                     Event::Disconnected { .. } => "disconnected".into(),
                     other => format!("{other:?}"),
@@ -183,5 +199,90 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
         .await;
     assert_eq!(s, StatusCode::OK, "{rpc}");
     device.stop().await;
+    hub.stop().await;
+}
+
+/// Sends a command to every device tagged `lab` and waits until one device replied.
+async fn tag_command(hub: &TestHub, name: &str) {
+    let (s, v) = hub.call(Method::POST, "/api/v1/products/p/tags/lab/commands", Some(json!({"name": name}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["request_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "tag command replied", || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/tag-commands/{id}"), None).await;
+        (v["replied"] == 1).then_some(())
+    })
+    .await;
+}
+
+/// The internal protocol end to end through the bundled broker: clock sync, tags pushed and followed
+/// (tag commands reach the device, also after a reconnect that lost the broker session), the shadow's
+/// desired state applied and reported, and an OTA upgrade that succeeds by the device's own status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_devices_follow_time_tags_shadow_and_ota() {
+    let hub = TestHub::start_production().await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let state_dir = tempfile::tempdir().unwrap();
+    let mut c = config(&hub, "d", &secret);
+    c.state_dir = Some(state_dir.path().to_path_buf());
+    let fw = Firmware::start(c.clone()).await;
+    online(&hub, "d", true).await;
+
+    // NTP: `$ntp` reaches iothub, `$set_ntp` reaches the device; same machine, so the offset is tiny.
+    let offset = fw.device.sync_time(Duration::from_secs(5)).await.expect("$set_ntp answered");
+    assert!(offset.abs() < 1_000, "offset {offset} ms");
+
+    // Tags pushed by iothub are applied, persisted and subscribed; a tag command then reaches the device.
+    let (s, v) = hub.call(Method::PUT, "/api/v1/products/p/devices/d/tags", Some(json!({"tags": ["lab"]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    eventually(Duration::from_secs(10), "tags applied", || async { (fw.saw("tags 1 lab") == 1).then_some(()) }).await;
+    assert_eq!(fw.device.tags(), (vec!["lab".to_string()], 1));
+    tag_command(&hub, "identify").await;
+    assert_eq!(fw.saw("command identify"), 1);
+
+    // Shadow: a desired change is applied by the device (it becomes reported); a report merges in.
+    let url = "/api/v1/products/p/devices/d/shadow";
+    let (s, v) = hub.call(Method::PUT, url, Some(json!({"state": {"desired": {"led": "on"}}, "version": 0}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let shadow = eventually(Duration::from_secs(10), "desired applied", || async {
+        let (_, v) = hub.call(Method::GET, url, None).await;
+        (v["state"]["reported"]["led"] == "on").then_some(v)
+    })
+    .await;
+    assert_eq!(shadow["delta"], json!({}), "{shadow}");
+    assert_eq!(fw.saw("shadow 1 {\"led\":\"on\"}"), 1);
+    fw.device.report_shadow(json!({"temp": 20})).await.unwrap();
+    let shadow = eventually(Duration::from_secs(10), "report merged", || async {
+        let (_, v) = hub.call(Method::GET, url, None).await;
+        (v["state"]["reported"]["temp"] == 20).then_some(v)
+    })
+    .await;
+    assert_eq!(shadow["state"]["reported"]["led"], "on", "{shadow}");
+    eventually(Duration::from_secs(10), "device knows the version", || async {
+        (fw.device.shadow_version() == shadow["version"].as_i64().unwrap()).then_some(())
+    })
+    .await;
+
+    // OTA: pushed, progressed to 100 %, and succeeded once the device reports the version in its status.
+    let package = json!({"url": "https://fw.example/1.2.0.bin", "version": "1.2.0", "size": 1024,
+        "md5": "9e107d9d372bb6826bd81d3542a419d6", "type": "firmware"});
+    let (s, rollout) = hub.call(Method::POST, "/api/v1/products/p/devices/d/ota", Some(package)).await;
+    assert_eq!(s, StatusCode::CREATED, "{rollout}");
+    let id = rollout["rollout_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(15), "OTA succeeded", || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{id}"), None).await;
+        (v["targets"][0]["state"] == "succeeded").then_some(())
+    })
+    .await;
+
+    // The broker forgets subscriptions with the session; the SDK re-subscribes its stored tags on connect.
+    fw.stop().await;
+    online(&hub, "d", false).await;
+    let fw = Firmware::start(c).await;
+    online(&hub, "d", true).await;
+    assert_eq!(fw.device.tags(), (vec!["lab".to_string()], 1), "tags persisted across the restart");
+    tag_command(&hub, "locate").await;
+    assert_eq!(fw.saw("command locate"), 1);
+    fw.stop().await;
     hub.stop().await;
 }
