@@ -601,7 +601,8 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
     }
 }
 
-#[cfg(test)]
+/// A link whose client is never connected (its event loop is never polled): for the receive-path tests and
+/// the fuzz target.
 pub(crate) fn test_link(clock: Clock, store: StateStore) -> Link {
     // A client whose event loop is never polled: what is published stays in its channel.
     let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 1024);

@@ -39,8 +39,18 @@
 //! | OTA with a progress reporter | [`Event::OtaUpgrade`], [`OtaReporter`] | `$ota_upgrade` → `update_ota_status/…` |
 //! | messages between devices | [`Device::send_to_device`], [`Event::Message`] | `m2m/…` |
 //!
-//! Runnable examples, one per feature, are in `examples/` (`cargo run -p iothub-device --example commands --
-//! --help`). Keep reading [`Events`]: the connection waits while the application does not.
+//! ## Examples
+//!
+//! One runnable example per feature in `sdk/examples/` — `telemetry`, `commands`, `data_request`,
+//! `time_sync`, `tags`, `shadow`, `ota`, `m2m`. They read the device's identity from the environment:
+//!
+//! ```sh
+//! IOTHUB_PRODUCT=demo IOTHUB_DEVICE=unit-1 IOTHUB_SECRET=<secret> IOTHUB_MQTT=127.0.0.1:1883 \
+//!   cargo run -p iothub-device --example commands
+//! ```
+//!
+//! Keep reading [`Events`]: the connection waits while the application does not (a command handler that
+//! blocks for long delays keepalive pings).
 //!
 //! ## Guarantees and limits
 //!
@@ -69,3 +79,17 @@ pub use events::{Command, CommandKind, DeviceMessage, Event, OtaFailure, OtaRepo
 
 #[cfg(test)]
 mod tests;
+
+/// The receive path on one message, for the fuzz target in `sdk/fuzz` (not part of the API). Must run inside
+/// a tokio runtime. Panics if a `$` command would reach the application.
+#[doc(hidden)]
+pub fn __fuzz_receive(topic: &str, payload: &[u8]) -> usize {
+    let link = device::test_link(Clock::system(), store::StateStore::in_memory());
+    let events = device::on_publish(&link, topic, payload);
+    for event in &events {
+        if let Event::Command(c) = event {
+            assert!(!c.name.starts_with('$'), "internal command leaked: {}", c.name);
+        }
+    }
+    events.len()
+}
