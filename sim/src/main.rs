@@ -74,8 +74,11 @@ struct Triple {
     secret: String,
 }
 
-#[derive(Default)]
 struct Counters {
+    total: u64,
+    started: Instant,
+    /// Milliseconds from start until every device was connected at once (0: not yet).
+    all_connected_ms: AtomicU64,
     connected: AtomicU64,
     connects: AtomicU64,
     connect_failures: AtomicU64,
@@ -91,6 +94,27 @@ struct Counters {
 }
 
 impl Counters {
+    fn new(total: u64) -> Self {
+        let zero = || AtomicU64::new(0);
+        Self {
+            total,
+            started: Instant::now(),
+            all_connected_ms: zero(),
+            connected: zero(),
+            connects: zero(),
+            connect_failures: zero(),
+            disconnects: zero(),
+            data: zero(),
+            status: zero(),
+            commands: zero(),
+            rpcs: zero(),
+            messages: zero(),
+            shadow: zero(),
+            ota: zero(),
+            errors: zero(),
+        }
+    }
+
     fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
@@ -113,8 +137,8 @@ async fn main() -> anyhow::Result<()> {
         args.mqtt
     );
 
-    let counters = Arc::new(Counters::default());
-    let started = Instant::now();
+    let counters = Arc::new(Counters::new(triples.len() as u64));
+    let started = counters.started;
     let mut pacing = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.connect_rate.max(1))));
     let reporter = tokio::spawn(report(counters.clone(), triples.len() as u64, started));
     let mut devices = Vec::with_capacity(triples.len());
@@ -144,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         "connected": connected,
         "connect_failures": Counters::get(&counters.connect_failures),
         "connect_spawn_secs": connect_done.as_secs_f64(),
+        "all_connected_secs": Counters::get(&counters.all_connected_ms) as f64 / 1000.0,
         "elapsed_secs": elapsed,
         "data": Counters::get(&counters.data),
         "status": Counters::get(&counters.status),
@@ -217,7 +242,11 @@ async fn on_event(
     match event {
         Event::Connected { .. } => {
             Counters::inc(&counters.connects);
-            counters.connected.fetch_add(1, Ordering::Relaxed);
+            let now_connected = counters.connected.fetch_add(1, Ordering::Relaxed) + 1;
+            if now_connected == counters.total {
+                let ms = counters.started.elapsed().as_millis() as u64;
+                let _ = counters.all_connected_ms.compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+            }
             device.update_status(&json!({"firmware_version": firmware})).await?;
             Counters::inc(&counters.status);
         }
