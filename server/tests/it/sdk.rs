@@ -177,7 +177,7 @@ async fn sdk_devices_round_trip_through_the_broker() {
 }
 
 /// The SDK keeps the connection up by itself: a device kicked by a suspension reconnects (with backoff) once
-/// it is resumed, and works as before.
+/// it is resumed, delivers what it sent while disconnected, and works as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_reconnects_after_the_broker_drops_it() {
     let hub = TestHub::start(Db::Sqlite).await;
@@ -189,11 +189,24 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
     assert_eq!(s, StatusCode::OK);
     eventually(Duration::from_secs(10), "kicked", || async { (device.saw("disconnected") >= 1).then_some(()) }).await;
     online(&hub, "d", false).await;
+    // Data sent while the connection is down waits in the SDK and goes out after the reconnect (a new
+    // session: the broker kept nothing).
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(device.device.upload_data("reading", format!("{{\"n\":{n}}}")).await.unwrap());
+    }
     // While suspended, the reconnect attempts are refused; after resume one of them gets in.
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/d/resume", None).await;
     assert_eq!(s, StatusCode::OK);
     eventually(Duration::from_secs(15), "reconnected", || async { (device.saw("connected") >= 2).then_some(()) }).await;
     online(&hub, "d", true).await;
+    for id in &ids {
+        eventually(Duration::from_secs(10), "offline data delivered", || async {
+            let (s, _) = hub.call(Method::GET, &format!("/api/v1/products/p/devices/d/messages/{id}"), None).await;
+            (s == StatusCode::OK).then_some(())
+        })
+        .await;
+    }
     let (s, rpc) = hub
         .call(Method::POST, "/api/v1/products/p/devices/d/rpc", Some(json!({"name": "ping", "timeout_ms": 5000})))
         .await;
