@@ -26,8 +26,10 @@ pub struct DeviceConfig {
     pub host: String,
     pub port: u16,
     pub tls: Option<Tls>,
-    /// Appended to the MQTT client id (`{device_id}` or `{device_id}-{suffix}`), e.g. to tell two
-    /// processes of one device apart in the connection list.
+    /// Appended to the MQTT client id (`{product_id}.{device_id}` or `{product_id}.{device_id}-{suffix}`), e.g.
+    /// to tell two processes of one device apart in the connection list. The product is part of the id
+    /// because brokers key sessions by client id alone: two products' devices with one device id would
+    /// otherwise take each other's session over, again and again.
     pub client_id_suffix: Option<String>,
     pub keep_alive: Duration,
     /// First reconnect delay; doubles per failed attempt up to `reconnect_max`, with full jitter so a fleet
@@ -40,7 +42,8 @@ pub struct DeviceConfig {
     pub state_dir: Option<PathBuf>,
     /// How long a request id is remembered when its command has no expiry.
     pub dedup_ttl: Duration,
-    /// Events buffered for the application before the connection waits for it.
+    /// Events waiting for the application past which a warning is logged (they are never dropped, and the
+    /// connection never waits for the application).
     pub event_capacity: usize,
     /// The device's clock (replace it to simulate skew).
     pub clock: Clock,
@@ -68,7 +71,7 @@ impl DeviceConfig {
             connect_timeout: Duration::from_secs(10),
             state_dir: None,
             dedup_ttl: Duration::from_secs(24 * 3600),
-            event_capacity: 256,
+            event_capacity: 1024,
             clock: Clock::system(),
         }
     }
@@ -79,9 +82,10 @@ impl DeviceConfig {
     }
 
     pub fn client_id(&self) -> String {
+        // '.' is not in the id alphabet, so the product/device boundary is unambiguous.
         match &self.client_id_suffix {
-            Some(suffix) => format!("{}-{suffix}", self.device_id),
-            None => self.device_id.clone(),
+            Some(suffix) => format!("{}.{}-{suffix}", self.product_id, self.device_id),
+            None => format!("{}.{}", self.product_id, self.device_id),
         }
     }
 
@@ -151,7 +155,7 @@ mod tests {
     fn ids_are_checked() {
         let ok = DeviceConfig::new("p", "d", "s", "localhost", 1883);
         assert!(ok.validate().is_ok());
-        assert_eq!((ok.username(), ok.client_id()), ("p/d".to_string(), "d".to_string()));
+        assert_eq!((ok.username(), ok.client_id()), ("p/d".to_string(), "p.d".to_string()));
         let bad = DeviceConfig::new("p/x", "d", "s", "localhost", 1883);
         assert!(matches!(bad.validate(), Err(Error::Config(m)) if m.starts_with("product_id")));
     }

@@ -5,6 +5,7 @@
 //! The task never waits on the MQTT client's request channel (which it drains itself): what it publishes it
 //! hands over without blocking, or from a spawned task when the channel is full.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,17 +31,50 @@ const MAX_PACKET: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct Device {
     link: Link,
+    /// The connection task ends once every `Device` clone and the `Events` stream are gone.
+    _alive: Arc<()>,
 }
 
 /// What the device receives; `None` once the device disconnected for good.
+///
+/// The connection task never waits for the application (it must keep answering the broker and draining the
+/// requests the application's `respond` calls make), so events queue here without bound; past
+/// [`DeviceConfig::event_capacity`] waiting events a warning is logged.
 #[derive(Debug)]
 pub struct Events {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::UnboundedReceiver<Event>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Events {
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let event = self.rx.recv().await;
+        if event.is_some() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        event
+    }
+}
+
+/// The connection task's side of [`Events`].
+struct EventSender {
+    tx: mpsc::UnboundedSender<Event>,
+    waiting: Arc<AtomicUsize>,
+    warn_at: usize,
+    warned: bool,
+}
+
+impl EventSender {
+    fn send(&mut self, device: &str, event: Event) {
+        // A dropped Events stream just means nobody listens; the connection goes on.
+        if self.tx.send(event).is_err() {
+            return;
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        if waiting > self.warn_at && !self.warned {
+            tracing::warn!(device, waiting, "the application is not reading device events; they pile up in memory");
+        }
+        self.warned = waiting > self.warn_at;
     }
 }
 
@@ -61,7 +95,9 @@ struct Inner {
     clock: Clock,
     dedup_ttl: Duration,
     state: Mutex<State>,
-    ntp_waiters: Mutex<Vec<(i64, oneshot::Sender<i64>)>>,
+    /// `sync_time` callers: (device_time sent, caller token, answer).
+    ntp_waiters: Mutex<Vec<(i64, u64, oneshot::Sender<i64>)>>,
+    next_token: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -120,18 +156,23 @@ impl Device {
             dedup_ttl: config.dedup_ttl,
             state: Mutex::new(State { store, shadow: ShadowTracker::default() }),
             ntp_waiters: Mutex::new(Vec::new()),
+            next_token: Default::default(),
         });
         let link = Link(inner);
-        let (tx, rx) = mpsc::channel(config.event_capacity.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let events = EventSender { tx, waiting: waiting.clone(), warn_at: config.event_capacity.max(1), warned: false };
         let (first_tx, first_rx) = oneshot::channel();
         let backoff = Backoff::new(config.reconnect_min, config.reconnect_max);
-        tokio::spawn(run(link.clone(), eventloop, tx, first_tx, backoff));
+        let alive = Arc::new(());
+        let task = tokio::spawn(run(link.clone(), eventloop, events, first_tx, backoff, Arc::downgrade(&alive)));
         match tokio::time::timeout(config.connect_timeout, first_rx).await {
-            Ok(Ok(Ok(()))) => Ok((Device { link }, Events { rx })),
+            Ok(Ok(Ok(()))) => Ok((Device { link, _alive: alive }, Events { rx, waiting })),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => {
-                let _ = link.0.client.try_disconnect();
+                // Stop retrying: a late connection under the same client id would kick the caller's next one.
+                task.abort();
                 Err(Error::Connect(format!(
                     "no CONNACK from {}:{} within {:?}",
                     config.host, config.port, config.connect_timeout
@@ -197,13 +238,14 @@ impl Device {
         let inner = &self.link.0;
         let device_time = inner.clock.local_ms();
         let (tx, rx) = oneshot::channel();
-        inner.ntp_waiters.lock().unwrap().push((device_time, tx));
+        let token = inner.next_token.fetch_add(1, Ordering::Relaxed);
+        inner.ntp_waiters.lock().unwrap().push((device_time, token, tx));
         let topic = topics::data_request_topic(&inner.product, &inner.device, "$ntp", &new_message_id());
         self.link
             .publish(topic, QoS::AtMostOnce, json!({ "device_time": device_time }).to_string().into_bytes())
             .await?;
         let answer = tokio::time::timeout(timeout, rx).await;
-        inner.ntp_waiters.lock().unwrap().retain(|(t, tx)| *t != device_time && !tx.is_closed());
+        inner.ntp_waiters.lock().unwrap().retain(|(_, t, _)| *t != token);
         match answer {
             Ok(Ok(offset)) => Ok(offset),
             Ok(Err(_)) => Err(Error::Closed),
@@ -317,46 +359,54 @@ impl Link {
     }
 }
 
-/// Drives the connection until the application disconnects.
+/// A connection must stay up this long before the reconnect backoff starts again from its minimum: a broker
+/// that accepts and then drops the device (e.g. over a publish it refuses) must not get a tight loop.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Times one unacknowledged publish is sent again on a new connection before it is given up.
+const MAX_RESENDS: u8 = 3;
+
+/// Drives the connection until the application disconnects (or drops every handle).
 async fn run(
     link: Link,
     mut eventloop: EventLoop,
-    tx: mpsc::Sender<Event>,
+    mut events: EventSender,
     first: oneshot::Sender<Result<()>>,
     mut backoff: Backoff,
+    alive: std::sync::Weak<()>,
 ) {
+    let device = link.0.device.clone();
     let mut first = Some(first);
-    let mut connected = false;
-    // Publishes not yet acknowledged when the connection dropped. rumqttc discards them when the broker
-    // starts a new session; they are put back so QoS 1 really is at least once across reconnects.
-    let mut unacknowledged: Vec<Request> = Vec::new();
+    let mut connected_at: Option<Instant> = None;
+    // Requests not done when the connection dropped: unacknowledged QoS 1 publishes (rumqttc discards them
+    // when the broker starts a new session), and anything queued behind them (a disconnect, say). They are
+    // issued again on the next connection so QoS 1 really is at least once across reconnects.
+    let mut unfinished: Vec<Request> = Vec::new();
+    // Topics carry unique message ids, so a topic identifies a publish across resends.
+    let mut resends: std::collections::HashMap<String, u8> = std::collections::HashMap::new();
     loop {
+        if alive.strong_count() == 0 && events.tx.is_closed() {
+            let _ = link.0.client.try_disconnect();
+            return;
+        }
         match eventloop.poll().await {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.reset();
-                connected = true;
-                eventloop.pending.extend(unacknowledged.drain(..));
+                connected_at = Some(Instant::now());
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
                 }
                 on_connected(&link);
-                let _ = tx.send(Event::Connected { session_present: ack.session_present }).await;
+                reissue(&link, std::mem::take(&mut unfinished), &mut resends);
+                events.send(&device, Event::Connected { session_present: ack.session_present });
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
                 for event in on_publish(&link, &publish.topic, &publish.payload) {
-                    // A dropped Events stream just means nobody listens; sending goes on.
-                    let _ = tx.send(event).await;
+                    events.send(&device, event);
                 }
             }
             Ok(rumqttc::Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
-                unacknowledged.extend(
-                    eventloop
-                        .pending
-                        .drain(..)
-                        .filter(|r| matches!(r, Request::Publish(p) if p.qos != QoS::AtMostOnce)),
-                );
+                unfinished.extend(eventloop.pending.drain(..));
                 if let ConnectionError::ConnectionRefused(code) = &e {
                     if let Some(first) = first.take() {
                         let _ = first.send(Err(Error::Refused(format!("{code:?}"))));
@@ -366,15 +416,47 @@ async fn run(
                 if matches!(e, ConnectionError::RequestsDone) {
                     break;
                 }
-                if connected {
-                    connected = false;
-                    let _ = tx.send(Event::Disconnected { reason: e.to_string() }).await;
+                if let Some(since) = connected_at.take() {
+                    if since.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                        resends.clear();
+                    }
+                    events.send(&device, Event::Disconnected { reason: e.to_string() });
                 }
                 let delay = backoff.next_delay();
-                tracing::debug!(device = %link.0.device, error = %e, ?delay, "reconnecting");
+                tracing::debug!(device = %device, error = %e, ?delay, "reconnecting");
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+/// Issues again, as new requests (fresh packet ids, normal in-flight limits), what the last connection left
+/// unfinished. A publish resent [`MAX_RESENDS`] times is given up: the broker keeps refusing it.
+fn reissue(link: &Link, unfinished: Vec<Request>, resends: &mut std::collections::HashMap<String, u8>) {
+    let mut disconnect = false;
+    for request in unfinished {
+        match request {
+            Request::Publish(p) => {
+                let count = resends.entry(p.topic.clone()).or_insert(0);
+                *count += 1;
+                if *count > MAX_RESENDS {
+                    tracing::warn!(device = %link.0.device, topic = %p.topic, "a publish was refused on every connection; given up");
+                    continue;
+                }
+                link.publish_detached(p.topic, p.qos, p.payload.to_vec());
+            }
+            Request::Disconnect(_) => disconnect = true,
+            // Tag subscriptions are made afresh from the stored tags on every connect; acknowledgements and
+            // pings belong to the connection that is gone.
+            _ => {}
+        }
+    }
+    if disconnect {
+        let client = link.0.client.clone();
+        tokio::spawn(async move {
+            let _ = client.disconnect().await;
+        });
     }
 }
 
@@ -447,6 +529,12 @@ pub(crate) fn on_publish(link: &Link, topic: &str, payload: &[u8]) -> Vec<Event>
                 },
             };
             if topics::is_internal_name(name) {
+                // iothub sends its protocol only to the device's own topic; on a tag topic (which other
+                // principals may be allowed to publish to) a `$set_ntp` could shift a whole fleet's clocks.
+                if tag.is_some() {
+                    tracing::warn!(device = %inner.device, topic, "ignored an internal command on a tag topic");
+                    return Vec::new();
+                }
                 return on_internal(link, name, request_id, expires_at, payload);
             }
             if !fresh(link, "c", request_id, expires_at) {
@@ -478,7 +566,8 @@ pub(crate) fn on_publish(link: &Link, topic: &str, payload: &[u8]) -> Vec<Event>
     }
 }
 
-/// Not expired (by the corrected clock) and not seen before (persistent dedup).
+/// Not expired (by the corrected clock) and not seen before (persistent dedup for commands and OTA; M2M
+/// messages are only remembered in memory: they are not worth a disk write each).
 fn fresh(link: &Link, kind: &str, id: &str, expires_at: Option<u64>) -> bool {
     let inner = &link.0;
     let now = inner.clock.now_ms();
@@ -492,7 +581,7 @@ fn fresh(link: &Link, kind: &str, id: &str, expires_at: Option<u64>) -> bool {
         Some(s) => (s as i64).saturating_mul(1000).max(now) + 60_000,
         None => now + inner.dedup_ttl.as_millis() as i64,
     };
-    let first = inner.state.lock().unwrap().store.first_time(&format!("{kind}:{id}"), forget_at, now);
+    let first = inner.state.lock().unwrap().store.first_time(&format!("{kind}:{id}"), forget_at, now, kind != "m");
     match first {
         Ok(true) => true,
         Ok(false) => {
@@ -523,9 +612,9 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
             inner.clock.set_offset_ms(offset);
             let mut waiters = inner.ntp_waiters.lock().unwrap();
             let (answered, waiting): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut *waiters).into_iter().partition(|(t, _)| *t == answer.device_time);
+                std::mem::take(&mut *waiters).into_iter().partition(|(t, _, _)| *t == answer.device_time);
             *waiters = waiting;
-            for (_, tx) in answered {
+            for (_, _, tx) in answered {
                 let _ = tx.send(offset);
             }
             vec![Event::TimeSynced { offset_ms: offset }]
@@ -613,5 +702,6 @@ pub(crate) fn test_link(clock: Clock, store: StateStore) -> Link {
         dedup_ttl: Duration::from_secs(3600),
         state: Mutex::new(State { store, shadow: ShadowTracker::default() }),
         ntp_waiters: Mutex::new(Vec::new()),
+        next_token: Default::default(),
     }))
 }

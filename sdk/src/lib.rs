@@ -29,7 +29,7 @@
 //!
 //! | feature | API | on the wire |
 //! |---|---|---|
-//! | connect, keepalive, reconnect with jittered backoff | [`Device::connect`], [`DeviceConfig`] | username `{p}/{d}`, client id `{d}[-suffix]`, optional TLS |
+//! | connect, keepalive, reconnect with jittered backoff | [`Device::connect`], [`DeviceConfig`] | username `{p}/{d}`, client id `{p}.{d}[-suffix]`, optional TLS |
 //! | data and status, QoS 1, unacknowledged messages resent after a reconnect | [`Device::upload_data`], [`Device::update_status`] | `upload_data/…`, `update_status/…` |
 //! | commands and RPC, each delivered once (persistent dedup), expired ones dropped by the corrected clock | [`Event::Command`], [`Command::respond`] | `cmd/…`, `rpc/…` → `cmd_resp/…`, `rpc_resp/…` |
 //! | data requests | [`Device::request_data`] | `get/…` |

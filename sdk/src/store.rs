@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Most remembered ids; the ones expiring first are forgotten first when a device receives more.
-pub const MAX_REMEMBERED: usize = 10_000;
+/// Most remembered ids; the ones expiring first are forgotten first when a device receives more. The file is
+/// rewritten on every new command, so this also bounds that write (~60 KiB).
+pub const MAX_REMEMBERED: usize = 1_024;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
@@ -72,7 +73,8 @@ impl StateStore {
     }
 
     /// Records `key` until `forget_at` (ms) and says whether it was new. Expired entries are dropped first.
-    pub fn first_time(&mut self, key: &str, forget_at: i64, now: i64) -> Result<bool> {
+    /// `persist: false` keeps it in memory only (for what does not need to survive a restart).
+    pub fn first_time(&mut self, key: &str, forget_at: i64, now: i64, persist: bool) -> Result<bool> {
         self.state.seen.retain(|_, until| *until > now);
         if self.state.seen.contains_key(key) {
             return Ok(false);
@@ -83,7 +85,9 @@ impl StateStore {
             }
         }
         self.state.seen.insert(key.to_string(), forget_at);
-        self.save()?;
+        if persist {
+            self.save()?;
+        }
         Ok(true)
     }
 
@@ -121,27 +125,27 @@ mod tests {
     fn dedup_survives_a_restart_and_expires() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = StateStore::open(dir.path(), "p", "d").unwrap();
-        assert!(store.first_time("r1", 2_000, 1_000).unwrap());
-        assert!(!store.first_time("r1", 2_000, 1_500).unwrap());
+        assert!(store.first_time("r1", 2_000, 1_000, true).unwrap());
+        assert!(!store.first_time("r1", 2_000, 1_500, true).unwrap());
         store.set_tags(vec!["lab".into()], 3).unwrap();
         store.set_shadow_version(7).unwrap();
         drop(store);
 
         let mut reopened = StateStore::open(dir.path(), "p", "d").unwrap();
-        assert!(!reopened.first_time("r1", 2_000, 1_900).unwrap(), "remembered across the restart");
+        assert!(!reopened.first_time("r1", 2_000, 1_900, true).unwrap(), "remembered across the restart");
         assert_eq!((reopened.state().tags.clone(), reopened.state().tags_version), (vec!["lab".to_string()], 3));
         assert_eq!(reopened.state().shadow_version, 7);
-        assert!(reopened.first_time("r1", 9_000, 2_001).unwrap(), "forgotten after its time");
+        assert!(reopened.first_time("r1", 9_000, 2_001, true).unwrap(), "forgotten after its time");
         // Another device in the same directory has its own state.
         let mut other = StateStore::open(dir.path(), "p", "d2").unwrap();
-        assert!(other.first_time("r1", 9_000, 2_001).unwrap());
+        assert!(other.first_time("r1", 9_000, 2_001, true).unwrap());
     }
 
     #[test]
     fn memory_is_bounded() {
         let mut store = StateStore::in_memory();
         for i in 0..MAX_REMEMBERED + 5 {
-            assert!(store.first_time(&format!("r{i}"), 10_000 + i as i64, 0).unwrap());
+            assert!(store.first_time(&format!("r{i}"), 10_000 + i as i64, 0, false).unwrap());
         }
         assert_eq!(store.state().seen.len(), MAX_REMEMBERED);
         assert!(!store.state().seen.contains_key("r0"), "the entry expiring first went first");
@@ -154,7 +158,7 @@ mod tests {
         let mut store = StateStore::open(dir.path(), "p", "d").unwrap();
         assert_eq!(store.state(), &DeviceState::default());
         assert_eq!(std::fs::read(dir.path().join("p~d.json.corrupt")).unwrap(), b"{not json");
-        assert!(store.first_time("r1", 10, 0).unwrap());
+        assert!(store.first_time("r1", 10, 0, true).unwrap());
         assert!(StateStore::open(dir.path(), "p", "d").unwrap().state().seen.contains_key("r1"));
     }
 }

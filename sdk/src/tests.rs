@@ -112,6 +112,7 @@ async fn messages_for_someone_else_or_outside_the_grammar_are_ignored() {
         "m2m/p/other/d/m1",
         "upload_data/p/d/x/m1",
         "cmd/p/d/$nope/plain/r1",
+        "tags/p/lab/cmd/$set_ntp/plain/r9",
     ] {
         assert!(on_publish(&link, topic, b"{}").is_empty(), "{topic}");
     }

@@ -16,6 +16,7 @@
 //! library crates, so several brokers can run in one process (the test suite relies on this).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
@@ -153,12 +154,14 @@ impl EmbeddedBroker {
                 rmqtt::router::DefaultRouter::new(Some(scx.clone())),
             ));
             let dollar_hooks = scx.extends.hook_mgr().register();
-            dollar_hooks
-                .add(
-                    rmqtt::hook::Type::MessagePublish,
-                    Box::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url)),
-                )
-                .await;
+            let forwarder = Arc::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url));
+            for hook in [
+                rmqtt::hook::Type::MessagePublish,
+                rmqtt::hook::Type::MessageDelivered,
+                rmqtt::hook::Type::MessageAcked,
+            ] {
+                dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
+            }
             dollar_hooks.start().await;
             // Order matters only for readability: auth-http (priority 100) runs before acl (10).
             rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;

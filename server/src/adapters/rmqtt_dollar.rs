@@ -128,82 +128,129 @@ impl Router for DollarTolerantRouter {
     }
 }
 
-/// Reports device publishes on upstream topics with inner `$` levels to iothub's web-hook endpoint.
+/// Reports what the web-hook plugin cannot for topics with inner `$` levels: device publishes on upstream
+/// topics (`$ntp`, `$tags`, `$shadow*` requests) and deliveries of command topics (`$ota_upgrade`, which the
+/// command log tracks), in the web-hook's own JSON shape, to iothub's web-hook endpoint.
 pub struct DollarTopicForwarder {
     queue: tokio::sync::mpsc::Sender<serde_json::Value>,
 }
 
+/// Reports in flight at once; more wait in the queue (like the web-hook's own concurrency limit).
+const CONCURRENCY: usize = 64;
+/// How long a report is retried while iothub is away (the web-hook's `retry_max_elapsed_time`).
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
 impl DollarTopicForwarder {
     /// Posts to `url` (the web-hook URL, token in its userinfo) from a task on the current runtime.
     pub fn start(url: url::Url) -> Self {
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<serde_json::Value>(10_000);
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<serde_json::Value>(100_000);
         let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("HTTP client");
         let url = Arc::new(url);
+        let slots = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         tokio::spawn(async move {
             while let Some(body) = rx.recv().await {
+                let Ok(slot) = slots.clone().acquire_owned().await else { return };
                 let (client, url) = (client.clone(), url.clone());
                 // Concurrent like the web-hook's own workers; iothub orders by broker timestamps.
-                tokio::spawn(async move { post_with_retries(&client, &url, &body).await });
+                tokio::spawn(async move {
+                    post_with_retries(&client, &url, &body).await;
+                    drop(slot);
+                });
             }
         });
         Self { queue }
     }
+
+    fn enqueue(&self, topic: &str, body: serde_json::Value) {
+        if self.queue.try_send(body).is_err() {
+            tracing::warn!(topic, "forward queue full; a `$` topic report was dropped");
+        }
+    }
 }
 
 async fn post_with_retries(client: &reqwest::Client, url: &url::Url, body: &serde_json::Value) {
-    let mut request = client.post(url.as_str()).json(body);
-    if !url.username().is_empty() || url.password().is_some() {
-        let user = percent_encoding::percent_decode_str(url.username()).decode_utf8_lossy().into_owned();
-        let password = url.password().map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned());
-        let mut bare = url.clone();
-        let _ = bare.set_username("");
-        let _ = bare.set_password(None);
-        request = client.post(bare.as_str()).json(body).basic_auth(user, password);
-    }
+    let mut bare = url.clone();
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    let user = percent_encoding::percent_decode_str(url.username()).decode_utf8_lossy().into_owned();
+    let password = url.password().map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned());
+    let started = std::time::Instant::now();
     let mut delay = Duration::from_millis(200);
-    for attempt in 1..=6 {
-        let Some(req) = request.try_clone() else { return };
-        match req.send().await {
+    loop {
+        let sent = client.post(bare.as_str()).basic_auth(&user, password.as_ref()).json(body).send().await;
+        match sent {
             Ok(resp) if resp.status().is_success() => return,
             Ok(resp) if resp.status().is_client_error() && resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS => {
-                tracing::warn!(status = %resp.status(), "iothub refused a forwarded `$` topic publish");
+                tracing::warn!(status = %resp.status(), "iothub refused a forwarded `$` topic report");
                 return;
             }
-            outcome => {
-                tracing::debug!(attempt, ?outcome, "forwarding a `$` topic publish failed; retrying");
-            }
+            outcome => tracing::debug!(?outcome, "forwarding a `$` topic report failed; retrying"),
+        }
+        if started.elapsed() + delay > RETRY_FOR {
+            tracing::warn!("gave up forwarding a `$` topic report to iothub after {RETRY_FOR:?}");
+            return;
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
-    tracing::warn!("gave up forwarding a `$` topic publish to iothub");
+}
+
+fn matches_any(filters: &[&str], topic: &str) -> bool {
+    filters.iter().any(|f| f.strip_suffix('#').is_some_and(|prefix| topic.starts_with(prefix)))
 }
 
 #[async_trait]
 impl Handler for DollarTopicForwarder {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
-        if let Parameter::MessagePublish(_, from, publish) = param {
-            let topic: &str = &publish.topic;
-            let upstream = crate::topics::UPSTREAM_FILTERS
-                .iter()
-                .any(|f| f.strip_suffix('#').is_some_and(|prefix| topic.starts_with(prefix)));
-            if upstream && has_inner_dollar_level(topic) {
-                let mut body = serde_json::json!({
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        match param {
+            Parameter::MessagePublish(_, from, publish)
+                if has_inner_dollar_level(&publish.topic)
+                    && matches_any(crate::topics::UPSTREAM_FILTERS, &publish.topic) =>
+            {
+                let body = serde_json::json!({
                     "action": "message_publish",
-                    "topic": topic,
+                    "topic": &*publish.topic,
                     "qos": publish.qos.value(),
                     "retain": publish.retain,
                     "dup": publish.dup,
-                    "payload": base64::engine::general_purpose::STANDARD.encode(&publish.payload),
+                    "payload": b64(&publish.payload),
                     "ts": publish.create_time.unwrap_or_else(now_ms),
                 });
-                body = from.to_from_json(body);
-                if self.queue.try_send(body).is_err() {
-                    tracing::warn!(topic, "forward queue full; a `$` topic publish was dropped");
-                }
+                self.enqueue(&publish.topic, from.to_from_json(body));
             }
+            Parameter::MessageDelivered(session, from, publish) | Parameter::MessageAcked(session, from, publish)
+                if has_inner_dollar_level(&publish.topic)
+                    && matches_any(crate::topics::DOWNSTREAM_FILTERS, &publish.topic) =>
+            {
+                let action = if matches!(param, Parameter::MessageDelivered(..)) {
+                    "message_delivered"
+                } else {
+                    "message_acked"
+                };
+                let body = serde_json::json!({
+                    "action": action,
+                    "topic": &*publish.topic,
+                    "qos": publish.qos.value(),
+                    "payload": b64(&publish.payload),
+                    "pts": publish.create_time,
+                    "ts": now_ms(),
+                });
+                self.enqueue(&publish.topic, from.to_from_json(session.id.to_to_json(body)));
+            }
+            _ => {}
         }
         (true, acc)
+    }
+}
+
+/// One forwarder registered for several hook types.
+pub struct Shared(pub Arc<DollarTopicForwarder>);
+
+#[async_trait]
+impl Handler for Shared {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        self.0.hook(param, acc).await
     }
 }
 
