@@ -14,8 +14,12 @@ devices=${1:-10000}
 rate=${2:-1000}
 interval_ms=${3:-10000}
 steady=${4:-60}
-# Both processes hold one socket per device (plus the broker's hook connections).
-ulimit -n 200000
+# Each process holds one socket per device (plus the broker's hook and database connections).
+ulimit -n "$(ulimit -Hn)"
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((devices + 2000)) ]; then
+  echo "open files limit $(ulimit -n) is too low for $devices devices (need $((devices + 2000)))" >&2
+  exit 1
+fi
 
 work=$(mktemp -d /tmp/iothub-bench-fleet.XXXXXX)
 hub_pid=""

@@ -189,16 +189,17 @@ async fn main() -> anyhow::Result<()> {
 
 /// One device for its whole life: connect (the SDK retries by itself), then behave.
 async fn simulate(config: DeviceConfig, counters: Arc<Counters>, data_ms: u64, status_ms: u64) {
+    // A refusal is not always final: an overloaded hub times out the broker's auth call, which the broker
+    // reports as "not authorized". Like a real device, try again later, with jitter so a fleet spreads out.
     let (device, mut events) = loop {
         match Device::connect(config.clone()).await {
             Ok(connected) => break connected,
             Err(e) => {
                 Counters::inc(&counters.connect_failures);
-                eprintln!("{}: {e}", config.device_id);
-                if matches!(e, iothub_device::Error::Refused(_)) {
-                    return;
+                if Counters::get(&counters.connect_failures) <= 10 {
+                    eprintln!("{}: {e} (retrying)", config.device_id);
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(2_000 + rand_below(3_000))).await;
             }
         }
     };
