@@ -66,7 +66,7 @@ impl Clock {
 
     /// Whether a command expiring at `expires_at` (Unix seconds, iothub's clock) has expired.
     pub fn is_expired(&self, expires_at: u64) -> bool {
-        self.now_ms() > (expires_at as i64).saturating_mul(1000)
+        self.now_ms() > i64::try_from(expires_at).unwrap_or(i64::MAX).saturating_mul(1000)
     }
 }
 
@@ -110,5 +110,6 @@ mod tests {
         skewed.set_offset_ms(-600_000);
         assert!(!skewed.is_expired(expires_at));
         assert!(skewed.is_expired(1_699_999_999));
+        assert!(!skewed.is_expired(u64::MAX), "a far-future expiry is not in the past");
     }
 }

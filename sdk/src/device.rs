@@ -577,9 +577,10 @@ fn fresh(link: &Link, kind: &str, id: &str, expires_at: Option<u64>) -> bool {
             return false;
         }
     }
+    // Saturating: `expiresAt` comes from the network and may be absurdly large.
     let forget_at = match expires_at {
-        Some(s) => (s as i64).saturating_mul(1000).max(now) + 60_000,
-        None => now + inner.dedup_ttl.as_millis() as i64,
+        Some(s) => i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000).max(now).saturating_add(60_000),
+        None => now.saturating_add(i64::try_from(inner.dedup_ttl.as_millis()).unwrap_or(i64::MAX)),
     };
     let first = inner.state.lock().unwrap().store.first_time(&format!("{kind}:{id}"), forget_at, now, kind != "m");
     match first {

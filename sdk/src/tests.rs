@@ -121,6 +121,20 @@ async fn messages_for_someone_else_or_outside_the_grammar_are_ignored() {
     assert!(on_publish(&link, "m2m/p/d/peer/m1", b"hi").is_empty(), "duplicate suppressed");
 }
 
+/// Found by the fuzzer (sdk/fuzz): an OTA upgrade whose `expiresAt` is absurdly large overflowed the dedup
+/// bookkeeping.
+#[tokio::test]
+async fn absurd_expiries_neither_panic_nor_expire() {
+    let link = test_link(fixed_clock(NOW_MS), StateStore::in_memory());
+    let body = json!({"url": "u", "version": "1", "type": "firmware"}).to_string();
+    for expiry in ["999999999999999999", "18446744073709551615"] {
+        let events = on_publish(&link, &format!("cmd/p/d/$ota_upgrade/plain/o-{expiry}/{expiry}"), body.as_bytes());
+        assert!(matches!(&events[..], [Event::OtaUpgrade(_)]), "{expiry}: {events:?}");
+        let events = on_publish(&link, &format!("cmd/p/d/reboot/plain/c-{expiry}/{expiry}"), b"");
+        assert_eq!(commands(&events).len(), 1, "{expiry}");
+    }
+}
+
 proptest! {
     /// Whatever arrives — any topic near the grammar, any bytes — the receive path neither panics nor lets
     /// a `$` command through to the application.
