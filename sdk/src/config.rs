@@ -110,6 +110,37 @@ impl DeviceConfig {
     }
 }
 
+/// The rustls client configuration for `tls`, with the ring provider (explicitly: a process may link several).
+#[cfg(feature = "tls")]
+pub(crate) fn rustls_config(tls: &Tls) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::Config(format!("tls.{what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+        roots.add(cert.map_err(|e| bad("ca_pem", &e))?).map_err(|e| bad("ca_pem", &e))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Config("tls.ca_pem holds no PEM certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", &e))?
+        .with_root_certificates(roots);
+    let config = match &tls.client_auth {
+        Some((cert_pem, key_pem)) => {
+            let certs = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad("client_auth certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad("client_auth key", &e))?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| bad("client_auth", &e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Exponential backoff with full jitter: a random delay in `[min, min(max, min·2^attempt)]`.
 #[derive(Debug)]
 pub(crate) struct Backoff {

@@ -138,11 +138,9 @@ impl Device {
             .set_max_packet_size(MAX_PACKET, MAX_PACKET);
         #[cfg(feature = "tls")]
         if let Some(tls) = &config.tls {
-            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
-                ca: tls.ca_pem.clone(),
-                alpn: None,
-                client_auth: tls.client_auth.clone(),
-            }));
+            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+                crate::config::rustls_config(tls)?,
+            )));
         }
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // Replies go out at once instead of waiting for the broker's delayed ACK (Nagle).

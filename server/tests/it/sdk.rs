@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use iothub_device::{CommandKind, Device, DeviceConfig, Event};
+use iothub_device::{CommandKind, Device, DeviceConfig, Event, Tls};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -311,5 +311,68 @@ async fn sdk_devices_follow_time_tags_shadow_and_ota() {
     tag_command(&hub, "locate").await;
     assert_eq!(fw.saw("command locate"), 1);
     fw.stop().await;
+    hub.stop().await;
+}
+
+/// A self-signed certificate for `localhost`: (certificate PEM, rustls server config).
+fn self_signed() -> (Vec<u8>, rustls::ServerConfig) {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.key_pair.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![key.cert.der().clone()], private)
+        .expect("server config");
+    (key.cert.pem().into_bytes(), config)
+}
+
+/// Terminates TLS in front of the bundled broker's plain MQTT port, as a load balancer would.
+async fn tls_terminator(broker: std::net::SocketAddr, config: rustls::ServerConfig) -> std::net::SocketAddr {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(broker).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// TLS: the SDK verifies the broker's certificate against the CA it was given and then works as over TCP;
+/// a device that trusts another CA does not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_devices_connect_over_tls() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let (ca_pem, server) = self_signed();
+    let addr = tls_terminator(hub.mqtt_addr, server).await;
+    let tls_config = |ca_pem: Vec<u8>| {
+        let mut c = DeviceConfig::new("p", "d", secret.as_str(), "localhost", addr.port());
+        c.tls = Some(Tls { ca_pem, client_auth: None });
+        c.connect_timeout = Duration::from_secs(3);
+        c
+    };
+    let fw = Firmware::start(tls_config(ca_pem)).await;
+    online(&hub, "d", true).await;
+    let (s, rpc) = hub
+        .call(Method::POST, "/api/v1/products/p/devices/d/rpc", Some(json!({"name": "getTemp", "timeout_ms": 5000})))
+        .await;
+    assert_eq!((s, rpc["reply"]["json"].clone()), (StatusCode::OK, json!({"temp": 21.5})), "{rpc}");
+    fw.stop().await;
+
+    let (other_ca, _) = self_signed();
+    let refused = Device::connect(tls_config(other_ca)).await;
+    assert!(matches!(refused, Err(iothub_device::Error::Connect(_))), "{refused:?}");
+    let bad = Device::connect(tls_config(b"not a certificate".to_vec())).await;
+    assert!(matches!(bad, Err(iothub_device::Error::Config(_))), "{bad:?}");
     hub.stop().await;
 }
