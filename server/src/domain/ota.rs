@@ -233,18 +233,15 @@ impl OtaService {
             return Ok(());
         }
         // Status reports are frequent and rollouts rare: one query finds the devices that have an
-        // unfinished upgrade, and only their newest status is checked.
-        let mut newest: std::collections::HashMap<&DeviceRef, (&str, i64)> = std::collections::HashMap::new();
-        for (device, json, at) in statuses {
-            let slot = newest.entry(device).or_insert((json, *at));
-            if *at >= slot.1 {
-                *slot = (json, *at);
-            }
-        }
-        let devices: Vec<DeviceRef> = newest.keys().map(|d| (*d).clone()).collect();
-        for device in self.ota.devices_with_open_targets(&devices).await? {
-            let (json, at) = newest[&device];
-            let succeeded = self.ota.apply_ota_status(&device, json, at).await?;
+        // unfinished upgrade, and only their statuses are checked. Every one of them, not just the newest:
+        // two reports of one millisecond have no order, and a device that reported the new version did run
+        // it (success is final).
+        let unique: std::collections::HashSet<&DeviceRef> = statuses.iter().map(|(d, _, _)| d).collect();
+        let devices: Vec<DeviceRef> = unique.into_iter().cloned().collect();
+        let open: std::collections::HashSet<DeviceRef> =
+            self.ota.devices_with_open_targets(&devices).await?.into_iter().collect();
+        for (device, json, at) in statuses.iter().filter(|(d, _, _)| open.contains(d)) {
+            let succeeded = self.ota.apply_ota_status(device, json, *at).await?;
             metrics::counter!("iothub_ota_succeeded_total").increment(succeeded as u64);
         }
         Ok(())
