@@ -196,37 +196,32 @@ impl Device {
     /// deduplicates). Returns the message id.
     pub async fn upload_data(&self, data_type: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
         check_name("data_type", data_type)?;
-        let id = new_message_id();
-        let topic = topics::upload_data_topic(self.product_id(), self.device_id(), data_type, &id);
-        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
-        Ok(id)
+        self.send_new(|p, d, id| topics::upload_data_topic(p, d, data_type, id), payload.into()).await
     }
 
     /// Replaces the device's status document (QoS 1). Returns the message id.
     pub async fn update_status(&self, status: &Value) -> Result<String> {
-        let id = new_message_id();
-        let topic = topics::update_status_topic(self.product_id(), self.device_id(), &id);
-        self.link.publish(topic, QoS::AtLeastOnce, serde_json::to_vec(status)?).await?;
-        Ok(id)
+        self.send_new(topics::update_status_topic, serde_json::to_vec(status)?).await
     }
 
     /// Asks business systems for `resource` (`get/...` → `iothub.events.data_request`); they answer with a
     /// command. Returns the message id.
     pub async fn request_data(&self, resource: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
         check_name("resource", resource)?;
-        let id = new_message_id();
-        let topic = topics::data_request_topic(self.product_id(), self.device_id(), resource, &id);
-        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
-        Ok(id)
+        self.send_new(|p, d, id| topics::data_request_topic(p, d, resource, id), payload.into()).await
     }
 
     /// Sends `payload` to another device of the same product (M2M). Returns the message id.
     pub async fn send_to_device(&self, device_id: &str, payload: impl Into<Vec<u8>>) -> Result<String> {
         iothub_protocol::ids::validate_id(device_id)
             .map_err(|e| Error::InvalidArgument { field: "device_id", reason: e.to_string() })?;
+        self.send_new(|p, d, id| topics::m2m_topic(p, device_id, d, id), payload.into()).await
+    }
+
+    /// Publishes at QoS 1 on the topic `topic(product, device, message_id)` with a new message id, returned.
+    async fn send_new(&self, topic: impl FnOnce(&str, &str, &str) -> String, payload: Vec<u8>) -> Result<String> {
         let id = new_message_id();
-        let topic = topics::m2m_topic(self.product_id(), device_id, self.device_id(), &id);
-        self.link.publish(topic, QoS::AtLeastOnce, payload.into()).await?;
+        self.link.publish(topic(self.product_id(), self.device_id(), &id), QoS::AtLeastOnce, payload).await?;
         Ok(id)
     }
 

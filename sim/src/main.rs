@@ -309,10 +309,10 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// A random delay in `0..n` ms, spreading a fleet's timers and retries.
 fn rand_below(n: u64) -> u64 {
-    // Not for security: spreading timers only.
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    u64::from(nanos) % n.max(1)
+    use rand::Rng;
+    rand::thread_rng().gen_range(0..n.max(1))
 }
 
 async fn report(counters: Arc<Counters>, total: u64, started: Instant) {

@@ -215,7 +215,7 @@ impl Handler for DollarTopicForwarder {
                     "retain": publish.retain,
                     "dup": publish.dup,
                     "payload": b64(&publish.payload),
-                    "ts": publish.create_time.unwrap_or_else(now_ms),
+                    "ts": publish.create_time.unwrap_or_else(crate::clock::now_ms),
                 });
                 self.enqueue(&publish.topic, from.to_from_json(body));
             }
@@ -234,7 +234,7 @@ impl Handler for DollarTopicForwarder {
                     "qos": publish.qos.value(),
                     "payload": b64(&publish.payload),
                     "pts": publish.create_time,
-                    "ts": now_ms(),
+                    "ts": crate::clock::now_ms(),
                 });
                 self.enqueue(&publish.topic, from.to_from_json(session.id.to_to_json(body)));
             }
@@ -252,10 +252,6 @@ impl Handler for Shared {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         self.0.hook(param, acc).await
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 #[cfg(test)]
