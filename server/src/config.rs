@@ -132,6 +132,9 @@ pub struct CacheConfig {
     pub device_ttl_ms: u64,
     /// Most device auth records kept in memory.
     pub device_capacity: u64,
+    /// How long a business API key's record may be served from memory, in milliseconds (0: read it on
+    /// every request). Revocation through this instance applies at once; this bounds it for the others.
+    pub api_key_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -289,7 +292,7 @@ impl Default for AuthConfig {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { device_ttl_ms: 5_000, device_capacity: 1_000_000 }
+        Self { device_ttl_ms: 5_000, device_capacity: 1_000_000, api_key_ttl_ms: 1_000 }
     }
 }
 

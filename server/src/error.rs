@@ -42,6 +42,23 @@ impl Error {
         Error::NotFound { what, id: id.to_string() }
     }
 
+    /// The same failure for each of several callers that shared one operation (a group commit).
+    pub fn share(&self) -> Self {
+        match self {
+            Error::Validation { field, message } => {
+                Error::Validation { field: field.clone(), message: message.clone() }
+            }
+            Error::NotFound { what, id } => Error::NotFound { what, id: id.clone() },
+            Error::Conflict(m) => Error::Conflict(m.clone()),
+            Error::Unauthorized(m) => Error::Unauthorized(m.clone()),
+            Error::Forbidden(m) => Error::Forbidden(m.clone()),
+            Error::MethodNotAllowed(m) => Error::MethodNotAllowed(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Timeout(m) => Error::Timeout(m.clone()),
+            Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Error::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,

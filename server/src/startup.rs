@@ -205,7 +205,7 @@ impl Application {
         ));
         let registry =
             RegistryService::new(store.clone(), broker.clone(), access.clone(), config.auth.rotation_overlap_secs);
-        let api_keys = ApiKeyService::new(store.clone());
+        let api_keys = ApiKeyService::with_cache(store.clone(), Duration::from_millis(config.cache.api_key_ttl_ms));
         if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
             let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
             let path = config.data_dir.join("admin-api-key");

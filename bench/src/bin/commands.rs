@@ -229,6 +229,23 @@ async fn main() -> anyhow::Result<()> {
         ensure!(drain.elapsed() < Duration::from_secs(300), "webhook backlog not drained");
     }
     println!("delivery-report webhooks drained {:.1} s after the last command", drain.elapsed().as_secs_f64());
+    // The latency runs start on a quiet hub: the events of the burst (three or four per command) are
+    // published to RabbitMQ first.
+    let relay = Instant::now();
+    loop {
+        let text = http.get(format!("{}/metrics", args.base_url)).send().await?.text().await?;
+        let queued = text
+            .lines()
+            .find_map(|l| l.strip_prefix("iothub_relay_queued_events "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if queued < 1.0 {
+            break;
+        }
+        ensure!(relay.elapsed() < Duration::from_secs(300), "relay backlog not drained: {queued}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("event relay drained {:.1} s later", relay.elapsed().as_secs_f64());
 
     // Broker round trip: device 0 pings device 1 over M2M, device 1 answers.
     ensure!(devices.len() >= 2, "need two devices");

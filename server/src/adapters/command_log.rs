@@ -5,6 +5,7 @@
 //! matches no row and emits nothing. They differ only in how rows are claimed: PostgreSQL uses
 //! `FOR UPDATE SKIP LOCKED` so several instances can dispatch side by side; SQLite has one writer.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -25,6 +26,10 @@ const COLUMNS: &str = "product_id, device_id, request_id, mode, name, payload_fo
 /// Statements shared by both stores, with `$n` placeholders.
 struct Sql {
     insert: String,
+    /// One command, written only if its device exists, is active and (`$15`) online if required; the
+    /// lease (`$14`) only applies if the device is online. SQLite's batch insert runs it per command.
+    insert_checked: String,
+    device_state: String,
     by_key: String,
     get: String,
     sent: String,
@@ -53,6 +58,16 @@ impl Sql {
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10, $11, $12, $13, $14)
                  ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
             )),
+            insert_checked: q(format!(
+                "INSERT INTO device_commands (product_id, device_id, request_id, mode, name, payload_format, payload, \
+                 qos, idempotency_key, state, created_at, expires_at, max_attempts, retry_interval_ms, next_attempt_at)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued', $10, $11, $12, $13,
+                        CASE WHEN d.online THEN $14 ELSE NULL END
+                 FROM devices d WHERE d.product_id = $1 AND d.device_id = $2 AND d.status = 'active'
+                   AND (d.online OR NOT $15)
+                 ON CONFLICT DO NOTHING RETURNING {COLUMNS}"
+            )),
+            device_state: q("SELECT status, online FROM devices WHERE product_id = $1 AND device_id = $2".to_string()),
             by_key: q(format!(
                 "SELECT {COLUMNS} FROM device_commands WHERE product_id = $1 AND device_id = $2 AND idempotency_key = $3"
             )),
@@ -127,6 +142,103 @@ const DUE_PG: &str = "((c.next_attempt_at <= $1 AND c.state IN ('queued', 'sent'
      OR (c.state = 'queued' AND c.next_attempt_at IS NULL))";
 
 static PG_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('$'));
+
+/// [`Sql::sent`] for many commands: `$1..$3` key, `$4` at, `$5` next attempt, `$6` lease, as arrays.
+static PG_SENT_MANY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE device_commands c SET
+             state = CASE WHEN c.state <> 'queued' THEN c.state
+                          WHEN c.delivered_at IS NOT NULL THEN 'delivered' ELSE 'sent' END,
+             sent_at = i.at, attempts = c.attempts + 1,
+             next_attempt_at = CASE WHEN c.state IN ('queued', 'sent', 'delivered') THEN i.next_attempt_at END
+         FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::INT8[], $5::INT8[], $6::INT8[])
+             AS i(product_id, device_id, request_id, at, next_attempt_at, lease)
+         WHERE c.product_id = i.product_id AND c.device_id = i.device_id AND c.request_id = i.request_id
+           AND c.next_attempt_at = i.lease
+         RETURNING {}",
+        qualified("c")
+    )
+});
+
+/// [`Sql::delivered`] for many commands (`$5`, `$6` unused).
+static PG_DELIVERED_MANY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE device_commands c SET state = CASE WHEN c.state = 'sent' THEN 'delivered' ELSE c.state END,
+             delivered_at = i.at
+         FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::INT8[], $5::INT8[], $6::INT8[])
+             AS i(product_id, device_id, request_id, at, next_attempt_at, lease)
+         WHERE c.product_id = i.product_id AND c.device_id = i.device_id AND c.request_id = i.request_id
+           AND c.delivered_at IS NULL
+         RETURNING {}",
+        qualified("c")
+    )
+});
+
+fn qualified(table: &str) -> String {
+    COLUMNS.split(", ").map(|c| format!("{table}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Which of the (lock-ordered) changes go to the set-based statements: a `Sent` or `Delivered` that is the
+/// first change of its command in the batch. Any later change of the same command (the `acked` after the
+/// `delivered`, a reply) runs on its own afterwards and sees its effect, as it would in order.
+fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>) {
+    let (mut sent, mut delivered) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for (i, c) in ordered.iter().enumerate() {
+        if !seen.insert((c.device.product.as_str(), c.device.device.as_str(), c.request_id.as_str())) {
+            continue;
+        }
+        match c.transition {
+            Transition::Sent { .. } => sent.push(i),
+            Transition::Delivered { .. } => delivered.push(i),
+            _ => {}
+        }
+    }
+    // One command alone gains nothing from the extra locking statement.
+    if sent.len() + delivered.len() < 2 {
+        return (Vec::new(), Vec::new());
+    }
+    (sent, delivered)
+}
+
+/// [`Sql::insert_checked`] for a whole batch, with the `queued` events of the rows it wrote, in one
+/// statement (so one round trip, committed on its own): the commands arrive as arrays (`$1..$14`), their
+/// prepared events as `$16..$20` (request id, kind, routing key, event id, body). Rows are written in
+/// (device, arrival) order so concurrent batches lock in one order and a device's commands keep theirs.
+/// Each written row comes back with its outbox id.
+static PG_INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH ins AS (
+             INSERT INTO device_commands (product_id, device_id, request_id, mode, name, payload_format, payload,
+                 qos, idempotency_key, state, created_at, expires_at, max_attempts, retry_interval_ms,
+                 next_attempt_at)
+             SELECT i.product_id, i.device_id, i.request_id, i.mode, i.name, i.payload_format, i.payload, i.qos,
+                    i.idempotency_key, 'queued', $15, i.expires_at, i.max_attempts, i.retry_interval_ms,
+                    CASE WHEN d.online THEN i.leased_until ELSE NULL END
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[],
+                         $8::INT2[], $9::TEXT[], $10::INT8[], $11::INT4[], $12::INT8[], $13::INT8[], $14::BOOL[])
+                     WITH ORDINALITY AS i(product_id, device_id, request_id, mode, name, payload_format, payload,
+                         qos, idempotency_key, expires_at, max_attempts, retry_interval_ms, leased_until,
+                         require_online, ord)
+             JOIN devices d ON d.product_id = i.product_id AND d.device_id = i.device_id
+             WHERE d.status = 'active' AND (d.online OR NOT i.require_online)
+             ORDER BY i.product_id, i.device_id, i.ord
+             ON CONFLICT DO NOTHING RETURNING {COLUMNS}
+         ), events AS (
+             SELECT * FROM UNNEST($16::TEXT[], $17::TEXT[], $18::TEXT[], $19::TEXT[], $20::BYTEA[])
+                 AS e(request_id, kind, routing_key, event_id, body)
+         ), outbox AS (
+             INSERT INTO event_outbox (kind, routing_key, event_id, body, created_at, leased_until)
+             SELECT e.kind, e.routing_key, e.event_id, e.body, $15, $21
+             FROM events e JOIN ins ON ins.request_id = e.request_id
+             RETURNING id, event_id
+         )
+         SELECT {}, outbox.id AS outbox_id
+         FROM ins JOIN events e ON e.request_id = ins.request_id JOIN outbox ON outbox.event_id = e.event_id",
+        qualified("ins")
+    )
+});
+
 static SQLITE_SQL: LazyLock<Sql> = LazyLock::new(|| Sql::new('?'));
 
 /// The statement (with its bound parameters) that applies one change.
@@ -268,6 +380,44 @@ macro_rules! insert_query {
     }};
 }
 
+/// Why a command of a batch was not written: its idempotency key names an existing command, or its device
+/// refused it. Runs after the batch's insert (or inside its transaction), so it sees the batch's own rows.
+macro_rules! not_inserted {
+    ($sql:expr, $executor:expr, $c:expr) => {{
+        let c: &NewCommand = $c;
+        let existing = match &c.idempotency_key {
+            Some(key) => sqlx::query(&$sql.by_key)
+                .bind(c.device.product.as_str())
+                .bind(c.device.device.as_str())
+                .bind(key)
+                .fetch_optional($executor)
+                .await?
+                .as_ref()
+                .map(|r| command_row!(r))
+                .transpose()?,
+            None => None,
+        };
+        let device: Option<(String, bool)> = match existing {
+            Some(_) => None,
+            None => {
+                sqlx::query_as(&$sql.device_state)
+                    .bind(c.device.product.as_str())
+                    .bind(c.device.device.as_str())
+                    .fetch_optional($executor)
+                    .await?
+            }
+        };
+        match (existing, device) {
+            (Some(record), _) => Inserted::Existing(record),
+            (None, None) => Inserted::Refused(Refusal::UnknownDevice),
+            (None, Some((status, _))) if status != "active" => Inserted::Refused(Refusal::Suspended),
+            (None, Some((_, false))) if c.require_online => Inserted::Refused(Refusal::Offline),
+            // Without a key the only possible conflict is the request id, which iothub generates.
+            (None, Some(_)) => return Err(Error::Conflict(format!("request id `{}` already exists", c.request_id))),
+        }
+    }};
+}
+
 /// Rows are locked in one global order (primary key), so concurrent transactions never deadlock.
 fn in_lock_order(changes: &[CommandChange]) -> Vec<&CommandChange> {
     let mut ordered: Vec<&CommandChange> = changes.iter().collect();
@@ -321,29 +471,34 @@ macro_rules! key_row {
 
 #[async_trait]
 impl CommandStore for PgStore {
-    #[tracing::instrument(skip_all, fields(device = %command.device, request_id = %command.request_id), name = "pg.insert_command")]
-    async fn insert_command(
+    #[tracing::instrument(skip_all, fields(commands = commands.len()), name = "pg.insert_commands")]
+    async fn insert_commands(
         &self,
-        command: &NewCommand,
-        event: &BusEvent,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
-        let mut tx = self.pool().begin().await?;
-        let durability = if command.mode == CommandMode::Rpc { Durability::Relaxed } else { Durability::Required };
-        relax(&mut tx, durability).await?;
-        let inserted = insert_query!(PG_SQL, command, now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| device_gone(e, &command.device))?;
-        let Some(row) = inserted else {
-            tx.rollback().await?;
-            return existing_by_key(self.get_by_key(command).await?, command);
-        };
-        let record = command_row!(&row)?;
-        let outbox = pg_outbox(&mut tx, vec![event.clone()], now, lease_ms).await?;
-        tx.commit().await?;
-        Ok((record, true, outbox))
+    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+        if commands.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        // A device deleted between the statement's read of it and its foreign-key check fails the whole
+        // statement; the second attempt no longer sees that device.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.insert_commands_once(commands, queued_event, now, lease_ms).await {
+                Err(Error::Internal(e))
+                    if attempt == 1
+                        && e.downcast_ref::<sqlx::Error>()
+                            .and_then(|e| e.as_database_error())
+                            .is_some_and(|d| d.is_foreign_key_violation()) =>
+                {
+                    continue
+                }
+                other => return other,
+            }
+        }
     }
 
     #[tracing::instrument(skip(self), name = "pg.get_command")]
@@ -473,12 +628,85 @@ impl CommandStore for PgStore {
         if changes.is_empty() {
             return Ok(out);
         }
-        let mut tx = self.pool().begin().await?;
-        relax(&mut tx, durability).await?;
+        let ordered = in_lock_order(changes);
+        // The common transitions (a dispatch's sends, a webhook group's delivery reports) are applied with
+        // one statement per kind, whose join must look each command up by its key: right after start (or
+        // in a young table) the planner's statistics call the table tiny and it would scan it instead.
+        let (sent, delivered) = set_based(&ordered);
+        let mut tx = self.pool_for(durability).begin().await?;
+        if !sent.is_empty() || !delivered.is_empty() {
+            sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
+        }
+        let mut applied: HashMap<usize, CommandRecord> = HashMap::new();
+        if !sent.is_empty() || !delivered.is_empty() {
+            // Rows are locked in key order first (the lateral join visits them in the input's order), so
+            // concurrent transactions never deadlock whatever order the set-based statements take.
+            let key = |f: fn(&CommandChange) -> &str| ordered.iter().map(|c| f(c)).collect::<Vec<&str>>();
+            sqlx::query(
+                "SELECT 1 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS i(p, d, r)
+                 CROSS JOIN LATERAL (SELECT 1 FROM device_commands c
+                     WHERE c.product_id = i.p AND c.device_id = i.d AND c.request_id = i.r FOR UPDATE OF c) l",
+            )
+            .bind(key(|c| c.device.product.as_str()))
+            .bind(key(|c| c.device.device.as_str()))
+            .bind(key(|c| c.request_id.as_str()))
+            .fetch_all(&mut *tx)
+            .await?;
+            for (statement, picked) in [(&*PG_SENT_MANY, &sent), (&*PG_DELIVERED_MANY, &delivered)] {
+                if picked.is_empty() {
+                    continue;
+                }
+                let column = |f: fn(&CommandChange) -> &str| picked.iter().map(|&i| f(ordered[i])).collect::<Vec<_>>();
+                let number = |f: fn(&Transition) -> Option<i64>| {
+                    picked.iter().map(|&i| f(&ordered[i].transition)).collect::<Vec<Option<i64>>>()
+                };
+                let rows = sqlx::query(statement)
+                    .bind(column(|c| c.device.product.as_str()))
+                    .bind(column(|c| c.device.device.as_str()))
+                    .bind(column(|c| c.request_id.as_str()))
+                    .bind(number(|t| match t {
+                        Transition::Sent { at, .. } | Transition::Delivered { at } => Some(*at),
+                        _ => None,
+                    }))
+                    .bind(number(|t| match t {
+                        Transition::Sent { next_attempt_at, .. } => *next_attempt_at,
+                        _ => None,
+                    }))
+                    .bind(number(|t| match t {
+                        Transition::Sent { lease, .. } => Some(*lease),
+                        _ => None,
+                    }))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let position: HashMap<(&str, &str, &str), usize> = picked
+                    .iter()
+                    .map(|&i| {
+                        let c = ordered[i];
+                        ((c.device.product.as_str(), c.device.device.as_str(), c.request_id.as_str()), i)
+                    })
+                    .collect();
+                for row in &rows {
+                    let record = command_row!(row)?;
+                    let at =
+                        (record.device.product.as_str(), record.device.device.as_str(), record.request_id.as_str());
+                    if let Some(&i) = position.get(&at) {
+                        applied.insert(i, record);
+                    }
+                }
+            }
+        }
+        let batched: std::collections::HashSet<usize> = sent.iter().chain(&delivered).copied().collect();
         let mut events = Vec::new();
-        for change in in_lock_order(changes) {
-            if let Some(row) = transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
-                let record = command_row!(&row)?;
+        for (i, change) in ordered.iter().enumerate() {
+            let record = if batched.contains(&i) {
+                applied.remove(&i)
+            } else {
+                match transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
+                    Some(row) => Some(command_row!(&row)?),
+                    None => None,
+                }
+            };
+            if let Some(record) = record {
                 events.extend(events_for(&record, &change.transition));
                 out.changed.push((record, change.transition.clone()));
             }
@@ -490,24 +718,62 @@ impl CommandStore for PgStore {
 }
 
 impl PgStore {
-    async fn get_by_key(&self, command: &NewCommand) -> Result<Option<CommandRecord>> {
-        let Some(key) = &command.idempotency_key else { return Ok(None) };
-        let row = sqlx::query(&PG_SQL.by_key)
-            .bind(command.device.product.as_str())
-            .bind(command.device.device.as_str())
-            .bind(key)
-            .fetch_optional(self.pool())
+    async fn insert_commands_once(
+        &self,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+        let all_rpc = commands.iter().all(|c| c.mode == CommandMode::Rpc);
+        let pool = self.pool_for(if all_rpc { Durability::Relaxed } else { Durability::Required });
+        let events: Vec<BusEvent> = commands.iter().map(|c| queued_event(&c.queued_record(now))).collect();
+        let column = |f: &dyn Fn(&NewCommand) -> &str| commands.iter().map(f).collect::<Vec<&str>>();
+        let rows = sqlx::query(&PG_INSERT_MANY)
+            .bind(column(&|c| c.device.product.as_str()))
+            .bind(column(&|c| c.device.device.as_str()))
+            .bind(column(&|c| c.request_id.as_str()))
+            .bind(column(&|c| c.mode.as_str()))
+            .bind(column(&|c| c.name.as_str()))
+            .bind(column(&|c| c.format.as_str()))
+            .bind(commands.iter().map(|c| c.payload.as_slice()).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.qos as i16).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.idempotency_key.as_deref()).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.expires_at).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.retry.map_or(1, |r| r.max_attempts)).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.retry.map(|r| r.interval_ms)).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.leased_until).collect::<Vec<_>>())
+            .bind(commands.iter().map(|c| c.require_online).collect::<Vec<_>>())
+            .bind(now)
+            .bind(column(&|c| c.request_id.as_str()))
+            .bind(events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.routing_key.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.body.as_slice()).collect::<Vec<_>>())
+            .bind(now + lease_ms)
+            .fetch_all(pool)
             .await?;
-        row.as_ref().map(|r| command_row!(r)).transpose()
+        let mut created = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let record = command_row!(row)?;
+            let outbox_id: i64 = row.try_get("outbox_id")?;
+            created.insert(record.request_id.clone(), (record, outbox_id));
+        }
+        let mut out = Vec::with_capacity(commands.len());
+        let mut outbox = Vec::with_capacity(rows.len());
+        for (command, event) in commands.iter().zip(events) {
+            out.push(match created.remove(&command.request_id) {
+                Some((record, id)) => {
+                    outbox.push(OutboxRecord { id, event });
+                    Inserted::Created(record)
+                }
+                // The statement committed: a key's existing command (even one this batch wrote) is visible.
+                None => not_inserted!(PG_SQL, self.pool(), command),
+            });
+        }
+        outbox.sort_by_key(|r| r.id);
+        Ok((out, outbox))
     }
-}
-
-/// SQLite runs `synchronous = NORMAL` in WAL mode anyway; PostgreSQL is told per transaction.
-async fn relax(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, durability: Durability) -> Result<()> {
-    if durability == Durability::Relaxed {
-        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **tx).await?;
-    }
-    Ok(())
 }
 
 async fn pg_outbox(
@@ -535,53 +801,53 @@ async fn pg_outbox(
     Ok(pair_outbox_ids(events, ids))
 }
 
-/// The command an idempotency key already names, or why there is none.
-fn existing_by_key(
-    existing: Option<CommandRecord>,
-    command: &NewCommand,
-) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
-    match existing {
-        Some(record) => Ok((record, false, Vec::new())),
-        // Without a key the only possible conflict is the request id, which iothub generates.
-        None => Err(Error::Conflict(format!("request id `{}` already exists", command.request_id))),
-    }
-}
-
 #[async_trait]
 impl CommandStore for SqliteStore {
-    #[tracing::instrument(skip_all, fields(device = %command.device, request_id = %command.request_id), name = "sqlite.insert_command")]
-    async fn insert_command(
+    #[tracing::instrument(skip_all, fields(commands = commands.len()), name = "sqlite.insert_commands")]
+    async fn insert_commands(
         &self,
-        command: &NewCommand,
-        event: &BusEvent,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)> {
+    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+        if commands.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         let mut tx = self.writer().begin().await?;
-        let inserted = insert_query!(SQLITE_SQL, command, now)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| device_gone(e, &command.device))?;
-        let Some(row) = inserted else {
-            let existing = match &command.idempotency_key {
-                Some(key) => sqlx::query(&SQLITE_SQL.by_key)
-                    .bind(command.device.product.as_str())
-                    .bind(command.device.device.as_str())
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .as_ref()
-                    .map(|r| command_row!(r))
-                    .transpose()?,
-                None => None,
-            };
-            tx.rollback().await?;
-            return existing_by_key(existing, command);
-        };
-        let record = command_row!(&row)?;
-        let outbox = sqlite_outbox(&mut tx, vec![event.clone()], now, lease_ms).await?;
+        let mut out = Vec::with_capacity(commands.len());
+        let mut events = Vec::new();
+        for c in commands {
+            let inserted = sqlx::query(&SQLITE_SQL.insert_checked)
+                .bind(c.device.product.as_str())
+                .bind(c.device.device.as_str())
+                .bind(c.request_id.as_str())
+                .bind(c.mode.as_str())
+                .bind(c.name.as_str())
+                .bind(c.format.as_str())
+                .bind(c.payload.as_slice())
+                .bind(c.qos as i16)
+                .bind(c.idempotency_key.as_deref())
+                .bind(now)
+                .bind(c.expires_at)
+                .bind(c.retry.map_or(1, |r| r.max_attempts))
+                .bind(c.retry.map(|r| r.interval_ms))
+                .bind(c.leased_until)
+                .bind(c.require_online)
+                .fetch_optional(&mut *tx)
+                .await?;
+            out.push(match inserted {
+                Some(row) => {
+                    let record = command_row!(&row)?;
+                    events.push(queued_event(&record));
+                    Inserted::Created(record)
+                }
+                None => not_inserted!(SQLITE_SQL, &mut *tx, c),
+            });
+        }
+        let outbox = sqlite_outbox(&mut tx, events, now, lease_ms).await?;
         tx.commit().await?;
-        Ok((record, true, outbox))
+        Ok((out, outbox))
     }
 
     #[tracing::instrument(skip(self), name = "sqlite.get_command")]

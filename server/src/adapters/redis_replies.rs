@@ -98,8 +98,11 @@ impl ReplyHub for RedisReplies {
     #[tracing::instrument(skip_all, fields(key = %reply.key), name = "redis.announce_reply")]
     async fn announce(&self, reply: Reply) -> Result<()> {
         let body = serde_json::to_vec(&reply).map_err(|e| Error::Internal(e.into()))?;
-        // A caller on this instance needs no round trip through Redis.
-        self.waiters.deliver(reply);
+        // A caller on this instance needs no round trip through Redis (request ids are unique: nobody
+        // else waits for it).
+        if self.waiters.deliver(reply) {
+            return Ok(());
+        }
         let mut conn = self.conn.clone();
         let _: i64 = redis::cmd("PUBLISH")
             .arg(&self.channel)

@@ -2,9 +2,12 @@
 //!
 //! Scopes are ordered: `admin` includes `write`, which includes `read`. Keys are `ihk_{id}_{secret}`; only
 //! sha256(secret) is stored (the secret is 256 random bits, so a fast hash is sufficient) and the clear key
-//! is returned once, at creation.
+//! is returned once, at creation. Verified key records may be served from memory for
+//! `cache.api_key_ttl_ms` (one database read per key per interval instead of one per request); revocation
+//! through this instance applies at once, through another within that interval.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
@@ -59,11 +62,35 @@ impl Principal {
 
 pub struct ApiKeyService {
     store: Arc<dyn Store>,
+    /// Key records by id (only keys that exist: a new key is usable at once on every instance).
+    cache: Option<moka::future::Cache<String, Arc<ApiKeyRecord>>>,
 }
 
 impl ApiKeyService {
+    /// No cache: every request reads its key (CLI, tools).
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { store, cache: None }
+    }
+
+    /// Serves key records from memory for up to `ttl` (zero: no cache).
+    pub fn with_cache(store: Arc<dyn Store>, ttl: Duration) -> Self {
+        let cache =
+            (!ttl.is_zero()).then(|| moka::future::Cache::builder().max_capacity(10_000).time_to_live(ttl).build());
+        Self { store, cache }
+    }
+
+    async fn record(&self, id: &str) -> Result<Option<Arc<ApiKeyRecord>>> {
+        if let Some(hit) = match &self.cache {
+            Some(cache) => cache.get(id).await,
+            None => None,
+        } {
+            return Ok(Some(hit));
+        }
+        let Some(record) = self.store.get_api_key(id).await?.map(Arc::new) else { return Ok(None) };
+        if let Some(cache) = &self.cache {
+            cache.insert(id.to_string(), record.clone()).await;
+        }
+        Ok(Some(record))
     }
 
     pub async fn create(&self, name: &str, scopes: &[Scope]) -> Result<(ApiKeyRecord, PlainSecret)> {
@@ -90,11 +117,14 @@ impl ApiKeyService {
         let unauthorized = || Error::Unauthorized("missing or invalid API key".into());
         let (id, secret) = parse_api_key(presented).ok_or_else(unauthorized)?;
         tracing::Span::current().record("key_id", id);
-        let record = self.store.get_api_key(id).await?.ok_or_else(unauthorized)?;
+        let record = self.record(id).await?.ok_or_else(unauthorized)?;
         if record.revoked_at.is_some() || !verify_api_key(&record.key_hash, secret) {
             return Err(unauthorized());
         }
-        Ok(Principal { key_id: record.id, scopes: record.scopes.iter().filter_map(|s| Scope::parse(s)).collect() })
+        Ok(Principal {
+            key_id: record.id.clone(),
+            scopes: record.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
+        })
     }
 
     pub async fn list(&self) -> Result<Vec<ApiKeyRecord>> {
@@ -103,6 +133,9 @@ impl ApiKeyService {
 
     pub async fn revoke(&self, id: &str) -> Result<()> {
         if self.store.revoke_api_key(id, now_ms()).await? {
+            if let Some(cache) = &self.cache {
+                cache.invalidate(id).await;
+            }
             Ok(())
         } else {
             Err(Error::not_found("api key", id))

@@ -9,14 +9,20 @@
 //!   what is due: retries of unreplied commands, publishes the broker could not take, claims whose
 //!   instance died.
 //!
-//! Claims are leases on the row (`next_attempt_at`), so any number of instances dispatch side by side.
+//! Callers' commands are logged in group commits: commands that arrive while a transaction runs form the
+//! next one (with the device check inside the insert), and each group is published concurrently (one
+//! device's commands in order) and its sends recorded in one transaction. Claims are leases on the row
+//! (`next_attempt_at`), so any number of instances dispatch side by side.
 //! Delivery reports and replies come back through the ingest path as [`CommandChange`]s. An RPC caller
 //! waits on the [`ReplyHub`], which hears about replies committed on any instance.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use base64::Engine as _;
+use futures::StreamExt as _;
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::clock::now_ms;
 use crate::domain::events;
@@ -43,6 +49,12 @@ const NO_SUBSCRIBER_RETRY_MS: i64 = 2_000;
 const BROKER_RETRY_MS: i64 = 5_000;
 /// Most commands one scheduler round expires or sends.
 const SWEEP_BATCH: u32 = 500;
+/// Most commands one group commit logs; more callers wait for the next one.
+const INTAKE_BATCH: usize = 512;
+/// Group commits in flight at once: one writes while the next group gathers and the previous publishes.
+const INTAKE_WORKERS: usize = 2;
+/// Devices published to at once by one dispatch (each device's commands go out in order).
+const PUBLISH_CONCURRENCY: usize = 64;
 
 pub struct CommandSettings {
     /// Lease of outbox rows handed to the relay.
@@ -87,6 +99,15 @@ struct Inner {
     replies: Arc<dyn ReplyHub>,
     relay: RelayHandle,
     settings: CommandSettings,
+    intake: mpsc::Sender<Pending>,
+}
+
+/// A caller's command waiting for the next group commit.
+struct Pending {
+    command: NewCommand,
+    logged: oneshot::Sender<Result<Inserted>>,
+    /// The command after its first publish was recorded (only for commands claimed at birth).
+    sent: oneshot::Sender<CommandRecord>,
 }
 
 /// The events announcing a change that took effect: the new state, and the reply when there is one.
@@ -134,9 +155,80 @@ impl CommandService {
         relay: RelayHandle,
         settings: CommandSettings,
     ) -> Self {
-        let inner = Arc::new(Inner { store, commands, broker, replies, relay, settings });
+        let (intake, rx) = mpsc::channel(INTAKE_BATCH * 2);
+        let inner = Arc::new(Inner { store, commands, broker, replies, relay, settings, intake });
         tokio::spawn(scheduler(Arc::downgrade(&inner)));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..INTAKE_WORKERS {
+            tokio::spawn(intake_worker(Arc::downgrade(&inner), rx.clone()));
+        }
         Self { inner }
+    }
+
+    /// Hands a command to the next group commit; returns once it is logged (or refused).
+    async fn log(&self, command: NewCommand) -> Result<(Inserted, oneshot::Receiver<CommandRecord>)> {
+        let (logged, logged_rx) = oneshot::channel();
+        let (sent, sent_rx) = oneshot::channel();
+        self.inner
+            .intake
+            .send(Pending { command, logged, sent })
+            .await
+            .map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let inserted = logged_rx.await.map_err(|_| Error::Unavailable("command intake stopped".into()))??;
+        Ok((inserted, sent_rx))
+    }
+
+    /// Logs one group of callers' commands, then publishes the ones claimed at birth in the background
+    /// (the next group is already being written) and tells each caller.
+    async fn log_group(&self, group: Vec<Pending>) {
+        let inner = &self.inner;
+        let mut commands = Vec::with_capacity(group.len());
+        let mut callers = Vec::with_capacity(group.len());
+        for Pending { command, logged, sent } in group {
+            commands.push(command);
+            callers.push((logged, sent));
+        }
+        metrics::histogram!("iothub_command_group_size").record(commands.len() as f64);
+        let result = inner
+            .commands
+            .insert_commands(&commands, &events::command_state, now_ms(), inner.settings.outbox_lease_ms)
+            .await;
+        let outcomes = match result {
+            Ok((outcomes, outbox)) => {
+                inner.relay.hand_off(outbox);
+                outcomes
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, commands = commands.len(), "command group not logged");
+                for (logged, _) in callers {
+                    let _ = logged.send(Err(e.share()));
+                }
+                return;
+            }
+        };
+        let mut claimed = Vec::new();
+        let mut waiting = HashMap::new();
+        for (outcome, (logged, sent)) in outcomes.into_iter().zip(callers) {
+            if let Inserted::Created(record) = &outcome {
+                if record.next_attempt_at.is_some() {
+                    waiting.insert(record.request_id.clone(), sent);
+                    claimed.push(record.clone());
+                }
+            }
+            let _ = logged.send(Ok(outcome));
+        }
+        if claimed.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        // Its own task: the next group's insert must not wait for this group's publishes.
+        tokio::spawn(async move {
+            for record in this.dispatch(claimed).await {
+                if let Some(sent) = waiting.remove(&record.request_id) {
+                    let _ = sent.send(record);
+                }
+            }
+        });
     }
 
     fn validate(request: &CommandRequest) -> Result<()> {
@@ -179,8 +271,7 @@ impl CommandService {
     #[tracing::instrument(skip_all, fields(%device, name = %request.name), name = "commands.submit")]
     pub async fn submit(&self, device: &DeviceRef, request: CommandRequest) -> Result<(CommandRecord, bool)> {
         Self::validate(&request)?;
-        let online = self.active_device(device).await?;
-        self.create(device, request, CommandMode::Cmd, online).await
+        self.create(device, request).await
     }
 
     /// Whether the device is online; it must exist and be active.
@@ -192,19 +283,13 @@ impl CommandService {
         Ok(record.online)
     }
 
-    async fn create(
-        &self,
-        device: &DeviceRef,
-        request: CommandRequest,
-        mode: CommandMode,
-        online: bool,
-    ) -> Result<(CommandRecord, bool)> {
+    async fn create(&self, device: &DeviceRef, request: CommandRequest) -> Result<(CommandRecord, bool)> {
         let inner = &self.inner;
         let now = now_ms();
         let command = NewCommand {
             device: device.clone(),
             request_id: new_request_id(),
-            mode,
+            mode: CommandMode::Cmd,
             name: request.name,
             format: request.format,
             payload: request.payload,
@@ -212,25 +297,30 @@ impl CommandService {
             expires_at: request.ttl_ms.map(|ttl| now + ttl),
             idempotency_key: request.idempotency_key,
             retry: request.retry,
-            leased_until: online.then_some(now + inner.settings.dispatch_lease_ms),
+            // Taken only if the device is online: then the command goes out at once.
+            leased_until: Some(now + inner.settings.dispatch_lease_ms),
+            require_online: false,
         };
-        let queued = events::command_state(&queued_record(&command, now));
-        let (record, created, outbox) =
-            inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
-        inner.relay.hand_off(outbox);
-        if !created {
-            let same = (record.name.as_str(), record.payload.as_slice(), record.mode, record.format, record.qos)
-                == (command.name.as_str(), command.payload.as_slice(), mode, command.format, command.qos);
-            if !same {
-                return Err(Error::Conflict(
-                    "Idempotency-Key was already used for a different command to this device".into(),
-                ));
+        let (name, payload, format, qos) = (command.name.clone(), command.payload.clone(), command.format, command.qos);
+        let (inserted, sent) = self.log(command).await?;
+        let record = match inserted {
+            Inserted::Created(record) => record,
+            Inserted::Existing(record) => {
+                let same = (record.name.as_str(), record.payload.as_slice(), record.mode, record.format, record.qos)
+                    == (name.as_str(), payload.as_slice(), CommandMode::Cmd, format, qos);
+                if !same {
+                    return Err(Error::Conflict(
+                        "Idempotency-Key was already used for a different command to this device".into(),
+                    ));
+                }
+                return Ok((record, false));
             }
-            return Ok((record, false));
-        }
-        metrics::counter!("iothub_commands_created_total", "mode" => mode.as_str()).increment(1);
-        let record = if online {
-            self.dispatch_detached(vec![record]).await?.pop().expect("one in, one out")
+            Inserted::Refused(why) => return Err(refused(device, why)),
+        };
+        metrics::counter!("iothub_commands_created_total", "mode" => "cmd").increment(1);
+        let record = if record.next_attempt_at.is_some() {
+            // The dispatch answers unless its task died; the lease then brings the command back.
+            sent.await.unwrap_or(record)
         } else if self.active_device(device).await.unwrap_or(false) {
             // The device connected while we wrote: its connect may have looked for queued commands
             // before ours committed, so look again (the claim makes sure only one of us sends it).
@@ -264,13 +354,55 @@ impl CommandService {
         }
         let request = CommandRequest { ttl_ms: Some(timeout.as_millis().max(1_000) as i64), ..request };
         Self::validate(&request)?;
-        if !self.active_device(device).await? {
-            return Err(Error::Conflict(format!("device `{device}` is offline")));
-        }
         let started = tokio::time::Instant::now();
+        let inner = &self.inner;
+        let now = now_ms();
+        let command = NewCommand {
+            device: device.clone(),
+            request_id: new_request_id(),
+            mode: CommandMode::Rpc,
+            name: request.name,
+            format: request.format,
+            payload: request.payload,
+            qos: request.qos,
+            expires_at: request.ttl_ms.map(|ttl| now + ttl),
+            idempotency_key: None,
+            retry: None,
+            leased_until: Some(now + inner.settings.dispatch_lease_ms),
+            require_online: true,
+        };
         // The waiter is registered before the command is logged, so no reply can slip past it.
-        let (record, waiter) = self.create_rpc(device, request).await?;
-        if let Some(reply) = waiter.recv(timeout.saturating_sub(started.elapsed())).await {
+        let waiter =
+            inner.replies.wait(reply_key(device.product.as_str(), device.device.as_str(), &command.request_id));
+        let (inserted, mut sent) = self.log(command).await?;
+        let record = match inserted {
+            Inserted::Created(record) => record,
+            Inserted::Refused(Refusal::Offline) => {
+                return Err(Error::Conflict(format!("device `{device}` is offline")));
+            }
+            Inserted::Refused(why) => return Err(refused(device, why)),
+            Inserted::Existing(_) => {
+                return Err(Error::Internal(anyhow::anyhow!("an RPC without idempotency key matched another")))
+            }
+        };
+        metrics::counter!("iothub_commands_created_total", "mode" => "rpc").increment(1);
+        // The reply does not wait for the send's bookkeeping; a publish the broker refused for good ends
+        // the wait at once.
+        let wait = waiter.recv(timeout.saturating_sub(started.elapsed()));
+        tokio::pin!(wait);
+        let mut dispatched = false;
+        let reply = loop {
+            tokio::select! {
+                reply = &mut wait => break reply,
+                after = &mut sent, if !dispatched => {
+                    dispatched = true;
+                    if matches!(after, Ok(CommandRecord { state: CommandState::Failed, .. })) {
+                        break None;
+                    }
+                }
+            }
+        };
+        if let Some(reply) = reply {
             metrics::histogram!("iothub_rpc_seconds").record(started.elapsed().as_secs_f64());
             return Ok(RpcReply {
                 request_id: record.request_id,
@@ -298,37 +430,6 @@ impl CommandService {
                 )))
             }
         }
-    }
-
-    async fn create_rpc(
-        &self,
-        device: &DeviceRef,
-        request: CommandRequest,
-    ) -> Result<(CommandRecord, crate::ports::replies::ReplyWaiter)> {
-        let inner = &self.inner;
-        let now = now_ms();
-        let command = NewCommand {
-            device: device.clone(),
-            request_id: new_request_id(),
-            mode: CommandMode::Rpc,
-            name: request.name,
-            format: request.format,
-            payload: request.payload,
-            qos: request.qos,
-            expires_at: request.ttl_ms.map(|ttl| now + ttl),
-            idempotency_key: None,
-            retry: None,
-            leased_until: Some(now + inner.settings.dispatch_lease_ms),
-        };
-        let waiter =
-            inner.replies.wait(reply_key(device.product.as_str(), device.device.as_str(), &command.request_id));
-        let queued = events::command_state(&queued_record(&command, now));
-        let (record, _, outbox) =
-            inner.commands.insert_command(&command, &queued, now, inner.settings.outbox_lease_ms).await?;
-        inner.relay.hand_off(outbox);
-        metrics::counter!("iothub_commands_created_total", "mode" => "rpc").increment(1);
-        let record = self.dispatch_detached(vec![record]).await?.pop().expect("one in, one out");
-        Ok((record, waiter))
     }
 
     /// One command to every active device with `tag`: one request id, one row per device (replies are
@@ -447,34 +548,24 @@ impl CommandService {
         self.inner.commands.list_commands(device, filter).await
     }
 
-    /// Applies what the broker and devices reported about commands (deliveries, replies) and wakes RPC
-    /// callers. Returns only once committed, so the webhook that carried them can be answered.
+    /// Wakes the caller waiting for this RPC reply, on whichever instance it waits. Only the caller of this
+    /// device's request id can receive it; a lost announcement costs the caller a read of the log.
+    pub async fn announce_reply(&self, device: &DeviceRef, request_id: &str, payload: Vec<u8>, at: i64) {
+        let key = reply_key(device.product.as_str(), device.device.as_str(), request_id);
+        if let Err(e) = self.inner.replies.announce(Reply { key, payload, replied_at: at }).await {
+            // The caller's final read of the command log still finds the reply.
+            tracing::warn!(error = %e, request_id, "RPC reply not announced");
+        }
+    }
+
+    /// Applies what the broker and devices reported about commands (deliveries, replies). Returns only once
+    /// committed, so the webhook that carried them can be answered.
     pub async fn apply_feedback(&self, changes: &[CommandChange]) -> Result<()> {
         let inner = &self.inner;
-        // An RPC caller gets its reply while the reply is being committed: the webhook that carried it
-        // still waits for the commit (and the broker retries it on failure), so the log ends up with the
-        // same reply the caller saw. Only the caller of this device's request id can receive it.
-        let announce = async {
-            for change in changes {
-                if let Transition::Replied { mode: CommandMode::Rpc, at, payload, .. } = &change.transition {
-                    let device = &change.device;
-                    let key = reply_key(device.product.as_str(), device.device.as_str(), &change.request_id);
-                    let reply = Reply { key, payload: payload.clone(), replied_at: *at };
-                    if let Err(e) = inner.replies.announce(reply).await {
-                        // The caller's final read of the command log still finds the reply.
-                        tracing::warn!(error = %e, request_id = %change.request_id, "RPC reply not announced");
-                    }
-                }
-            }
-        };
-        let commit = inner.commands.change_commands(
-            changes,
-            &events_for,
-            Durability::Required,
-            now_ms(),
-            inner.settings.outbox_lease_ms,
-        );
-        let ((), outcome) = tokio::join!(announce, commit);
+        let outcome = inner
+            .commands
+            .change_commands(changes, &events_for, Durability::Required, now_ms(), inner.settings.outbox_lease_ms)
+            .await;
         let outcome = outcome?;
         inner.relay.hand_off(outcome.outbox);
         let applied = outcome.changed.len();
@@ -521,36 +612,20 @@ impl CommandService {
     /// commands as they are afterwards.
     async fn dispatch(&self, claimed: Vec<CommandRecord>) -> Vec<CommandRecord> {
         let inner = &self.inner;
-        let mut changes = Vec::with_capacity(claimed.len());
+        let mut per_device: Vec<Vec<CommandRecord>> = Vec::new();
+        let mut slot: HashMap<DeviceRef, usize> = HashMap::new();
         for command in &claimed {
-            let now = now_ms();
-            // The claim (`next_attempt_at`) is this dispatcher's lease. Past half of it, what is left goes
-            // back to the scheduler when the lease runs out: a publish must never start on a lease that
-            // could expire before its outcome is recorded (another instance would send it too).
-            let lease = command.next_attempt_at.unwrap_or_default();
-            if lease - now < inner.settings.dispatch_lease_ms / 2 {
-                metrics::counter!("iothub_command_dispatch_deferred_total").increment(1);
-                continue;
-            }
-            let transition = match self.publish(command, now).await {
-                Ok(Published::Delivered | Published::Accepted) => {
-                    Transition::Sent { at: now, next_attempt_at: next_retry(command, now), lease }
-                }
-                Ok(Published::NoSubscribers) => {
-                    Transition::Postponed { next_attempt_at: Some(now + NO_SUBSCRIBER_RETRY_MS), lease }
-                }
-                Err(Error::Validation { message, .. }) => Transition::Failed { at: now, reason: message },
-                Err(e) => {
-                    tracing::warn!(error = %e, request_id = %command.request_id, "command not published; will retry");
-                    Transition::Postponed { next_attempt_at: Some(now + BROKER_RETRY_MS), lease }
-                }
-            };
-            changes.push(CommandChange {
-                device: command.device.clone(),
-                request_id: command.request_id.clone(),
-                transition,
+            let i = *slot.entry(command.device.clone()).or_insert_with(|| {
+                per_device.push(Vec::new());
+                per_device.len() - 1
             });
+            per_device[i].push(command.clone());
         }
+        let changes: Vec<CommandChange> = futures::stream::iter(per_device.into_iter().map(|c| self.send_in_order(c)))
+            .buffer_unordered(PUBLISH_CONCURRENCY)
+            .flat_map(futures::stream::iter)
+            .collect()
+            .await;
         match inner
             .commands
             .change_commands(&changes, &events_for, Durability::Relaxed, now_ms(), inner.settings.outbox_lease_ms)
@@ -574,6 +649,42 @@ impl CommandService {
                 claimed
             }
         }
+    }
+
+    /// Publishes one device's claimed commands, one after the other.
+    async fn send_in_order(&self, commands: Vec<CommandRecord>) -> Vec<CommandChange> {
+        let mut changes = Vec::with_capacity(commands.len());
+        for command in &commands {
+            changes.extend(self.send_claimed(command).await);
+        }
+        changes
+    }
+
+    /// Publishes one claimed command; `None` when its lease is too short to start.
+    async fn send_claimed(&self, command: &CommandRecord) -> Option<CommandChange> {
+        let now = now_ms();
+        // The claim (`next_attempt_at`) is this dispatcher's lease. Past half of it, what is left goes
+        // back to the scheduler when the lease runs out: a publish must never start on a lease that
+        // could expire before its outcome is recorded (another instance would send it too).
+        let lease = command.next_attempt_at.unwrap_or_default();
+        if lease - now < self.inner.settings.dispatch_lease_ms / 2 {
+            metrics::counter!("iothub_command_dispatch_deferred_total").increment(1);
+            return None;
+        }
+        let transition = match self.publish(command, now).await {
+            Ok(Published::Delivered | Published::Accepted) => {
+                Transition::Sent { at: now, next_attempt_at: next_retry(command, now), lease }
+            }
+            Ok(Published::NoSubscribers) => {
+                Transition::Postponed { next_attempt_at: Some(now + NO_SUBSCRIBER_RETRY_MS), lease }
+            }
+            Err(Error::Validation { message, .. }) => Transition::Failed { at: now, reason: message },
+            Err(e) => {
+                tracing::warn!(error = %e, request_id = %command.request_id, "command not published; will retry");
+                Transition::Postponed { next_attempt_at: Some(now + BROKER_RETRY_MS), lease }
+            }
+        };
+        Some(CommandChange { device: command.device.clone(), request_id: command.request_id.clone(), transition })
     }
 
     async fn publish(&self, command: &CommandRecord, now: i64) -> Result<Published> {
@@ -655,34 +766,33 @@ fn expiry_secs(expires_at: i64, now: i64) -> u32 {
     (((expires_at - now).max(1_000) + 999) / 1000).min(u32::MAX as i64) as u32
 }
 
-/// The record a freshly inserted command will be, for its `queued` event (built before the insert so
-/// the event commits with the row).
-fn queued_record(c: &NewCommand, now: i64) -> CommandRecord {
-    CommandRecord {
-        device: c.device.clone(),
-        request_id: c.request_id.clone(),
-        mode: c.mode,
-        name: c.name.clone(),
-        format: c.format,
-        payload: Vec::new(),
-        qos: c.qos,
-        idempotency_key: c.idempotency_key.clone(),
-        state: CommandState::Queued,
-        created_at: now,
-        expires_at: c.expires_at,
-        sent_at: None,
-        delivered_at: None,
-        replied_at: None,
-        expired_at: None,
-        failed_at: None,
-        failure: None,
-        attempts: 0,
-        max_attempts: c.retry.map_or(1, |r| r.max_attempts),
-        retry_interval_ms: c.retry.map(|r| r.interval_ms),
-        next_attempt_at: c.leased_until,
-        reply: None,
-        reply_message_id: None,
-        tag: None,
+/// Why the log refused a command, as the caller's error.
+fn refused(device: &DeviceRef, why: Refusal) -> Error {
+    match why {
+        Refusal::UnknownDevice => Error::not_found("device", device),
+        Refusal::Suspended => Error::Conflict(format!("device `{device}` is suspended")),
+        Refusal::Offline => Error::Conflict(format!("device `{device}` is offline")),
+    }
+}
+
+/// Takes whatever callers queued (up to [`INTAKE_BATCH`]) and logs it as one group, until the service is
+/// gone.
+async fn intake_worker(inner: Weak<Inner>, rx: Arc<Mutex<mpsc::Receiver<Pending>>>) {
+    loop {
+        let group = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut group = vec![first];
+            while group.len() < INTAKE_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        CommandService { inner }.log_group(group).await;
     }
 }
 
@@ -709,22 +819,21 @@ mod tests {
     use crate::ids::{DeviceId, ProductId};
 
     fn record(attempts: i32, max_attempts: i32, interval: Option<i64>) -> CommandRecord {
-        let mut r = queued_record(
-            &NewCommand {
-                device: DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse("d").unwrap()),
-                request_id: "r".into(),
-                mode: CommandMode::Cmd,
-                name: "n".into(),
-                format: PayloadFormat::Plain,
-                payload: vec![],
-                qos: 1,
-                expires_at: None,
-                idempotency_key: None,
-                retry: None,
-                leased_until: None,
-            },
-            0,
-        );
+        let mut r = NewCommand {
+            device: DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse("d").unwrap()),
+            request_id: "r".into(),
+            mode: CommandMode::Cmd,
+            name: "n".into(),
+            format: PayloadFormat::Plain,
+            payload: vec![],
+            qos: 1,
+            expires_at: None,
+            idempotency_key: None,
+            retry: None,
+            leased_until: None,
+            require_online: false,
+        }
+        .queued_record(0);
         r.attempts = attempts;
         r.max_attempts = max_attempts;
         r.retry_interval_ms = interval;

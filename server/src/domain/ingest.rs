@@ -126,6 +126,19 @@ enum Keyed {
     Event(BusEvent),
 }
 
+/// The RPC reply an event carries, if it is a well-formed `rpc_resp` of the publishing device itself.
+fn rpc_reply(event: &BrokerEvent) -> Option<(DeviceRef, &str, &[u8], i64)> {
+    let BrokerEvent::Publish { username, topic, payload, received_at, .. } = event else { return None };
+    let Ok(Upstream::RpcResp { product, device, request_id, .. }) = parse_upstream(topic) else { return None };
+    let publisher = device_of(username.as_deref())?;
+    (publisher.product.as_str() == product && publisher.device.as_str() == device).then_some((
+        publisher,
+        request_id,
+        payload.as_slice(),
+        *received_at,
+    ))
+}
+
 fn device_of(username: Option<&str>) -> Option<DeviceRef> {
     username.and_then(DeviceRef::from_broker_username)
 }
@@ -329,6 +342,7 @@ struct Job {
 #[derive(Clone)]
 pub struct IngestService {
     tx: mpsc::Sender<Job>,
+    commands: CommandService,
 }
 
 struct Worker {
@@ -351,6 +365,7 @@ impl IngestService {
         let (tx, rx) = mpsc::channel(settings.batch_max * 4);
         let rx = Arc::new(Mutex::new(rx));
         let settings = Arc::new(settings);
+        let commands = control.commands.clone();
         for _ in 0..settings.workers {
             let worker = Worker {
                 store: store.clone(),
@@ -362,13 +377,21 @@ impl IngestService {
             };
             tokio::spawn(worker.run());
         }
-        Self { tx }
+        Self { tx, commands }
     }
 
     /// Applies the events; returns once they are durably stored (or failed as a whole).
     pub async fn submit(&self, events: Vec<BrokerEvent>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
+        }
+        // A waiting RPC caller gets its reply now, not after the group commit that records it (and the
+        // groups queued before it): the webhook is still answered only after that commit, and a failed
+        // commit is retried by the broker, so the log ends up with the reply the caller saw.
+        for event in &events {
+            if let Some((device, request_id, payload, at)) = rpc_reply(event) {
+                self.commands.announce_reply(&device, request_id, payload.to_vec(), at).await;
+            }
         }
         let (done, wait) = oneshot::channel();
         self.tx.send(Job { events, done }).await.map_err(|_| Error::Unavailable("shutting down".into()))?;

@@ -185,6 +185,7 @@ impl OtaService {
                 idempotency_key: None,
                 retry: None,
                 leased_until: None,
+                require_online: false,
             })
             .collect();
         let rollout = NewRollout {

@@ -33,6 +33,8 @@ impl RelayHandle {
     /// Publishes these freshly committed rows as soon as possible.
     pub fn hand_off(&self, records: Vec<OutboxRecord>) {
         if !records.is_empty() {
+            // Events committed but not yet taken up by a publish round: the relay's backlog.
+            metrics::gauge!("iothub_relay_queued_events").increment(records.len() as f64);
             // A closed relay (shutdown) leaves the rows in the outbox for the next start.
             let _ = self.tx.send((tokio::time::Instant::now(), records));
         }
@@ -77,6 +79,7 @@ impl Relay {
                     let mut records = Vec::new();
                     let mut next = Some(first);
                     while let Some((handed_at, more)) = next.take() {
+                        metrics::gauge!("iothub_relay_queued_events").decrement(more.len() as f64);
                         // When the bus is slower than ingest, hand-offs wait here; once half their lease
                         // is gone the sweep (of any instance) will publish them, so publishing them from
                         // here too would only duplicate them.

@@ -134,8 +134,63 @@ pub struct NewCommand {
     pub expires_at: Option<i64>,
     pub idempotency_key: Option<String>,
     pub retry: Option<RetryPolicy>,
-    /// Claimed for immediate sending (device online): the row is leased until this time.
+    /// Claimed for immediate sending: the row is leased until this time. [`CommandStore::insert_commands`]
+    /// applies it only if the device is online when the row is written.
     pub leased_until: Option<i64>,
+    /// Refuse the command (instead of queueing it) if the device is offline: RPC.
+    pub require_online: bool,
+}
+
+impl NewCommand {
+    /// The record this command becomes when it is logged at `now` (for its `queued` event, which is
+    /// built before the insert so it commits with the row).
+    pub fn queued_record(&self, now: i64) -> CommandRecord {
+        CommandRecord {
+            device: self.device.clone(),
+            request_id: self.request_id.clone(),
+            mode: self.mode,
+            name: self.name.clone(),
+            format: self.format,
+            payload: Vec::new(),
+            qos: self.qos,
+            idempotency_key: self.idempotency_key.clone(),
+            state: CommandState::Queued,
+            created_at: now,
+            expires_at: self.expires_at,
+            sent_at: None,
+            delivered_at: None,
+            replied_at: None,
+            expired_at: None,
+            failed_at: None,
+            failure: None,
+            attempts: 0,
+            max_attempts: self.retry.map_or(1, |r| r.max_attempts),
+            retry_interval_ms: self.retry.map(|r| r.interval_ms),
+            next_attempt_at: self.leased_until,
+            reply: None,
+            reply_message_id: None,
+            tag: None,
+        }
+    }
+}
+
+/// What became of one command of a [`CommandStore::insert_commands`] batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// Logged; `next_attempt_at` is set when the device was online (claimed for sending at once).
+    Created(CommandRecord),
+    /// The idempotency key was already used for this device: that command, unchanged.
+    Existing(CommandRecord),
+    /// Not logged.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownDevice,
+    Suspended,
+    /// Only for `require_online` commands.
+    Offline,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,16 +308,18 @@ pub enum ClaimScope {
 
 #[async_trait]
 pub trait CommandStore: Send + Sync + 'static {
-    /// Inserts the command with its `queued` event. With an idempotency key already used for the device
-    /// the existing command comes back instead (`created = false`) and nothing is written. RPC rows are
-    /// written with [`Durability::Relaxed`].
-    async fn insert_command(
+    /// Logs a batch of commands (from concurrent callers) in one transaction, each with its `queued` event.
+    /// The device check is part of the insert: a command for an unknown or suspended device (or, with
+    /// `require_online`, an offline one) is refused, the others are unaffected. With an idempotency key
+    /// already used for the device the existing command comes back and nothing is written. Batches made
+    /// only of RPCs are written with [`Durability::Relaxed`].
+    async fn insert_commands(
         &self,
-        command: &NewCommand,
-        event: &BusEvent,
+        commands: &[NewCommand],
+        queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(CommandRecord, bool, Vec<OutboxRecord>)>;
+    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)>;
     async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>>;
     async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>>;
     /// Leases up to `limit` commands ready to go out: unexpired, not replied, their device online, and

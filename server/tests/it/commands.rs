@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::{json, Value};
 
+use crate::both_backends;
 use crate::helpers::*;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -713,4 +714,96 @@ async fn devices_message_each_other() {
     let _ = ta.await;
     cb.disconnect().await.unwrap();
     hub.stop().await;
+}
+
+both_backends!(concurrent_commands_share_group_commits, concurrent_commands_share_group_commits);
+/// Concurrent callers' commands are logged in shared transactions: each caller still gets its own answer
+/// (created, the command an Idempotency-Key already names, unknown device, suspended device, offline RPC),
+/// nothing is lost or doubled, and an online device receives every command of the burst exactly once, in
+/// the order each caller sent them.
+async fn concurrent_commands_share_group_commits(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "on").await;
+    hub.register("p", "off").await;
+    hub.register("p", "sus").await;
+    let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/sus/suspend", None).await;
+    assert!(s.is_success());
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "on", "p/on", &secret).await;
+    let (inbox, _task) = answering_device(client, eventloop, "on");
+    wait_online(&hub, "p", "on").await;
+
+    let post = |device: &'static str, path: &'static str, body: Value, key: Option<&'static str>| {
+        let mut rb = hub.request(Method::POST, &format!("/api/v1/products/p/devices/{device}/{path}")).json(&body);
+        if let Some(k) = key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        async move {
+            let resp = rb.send().await.unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    // Five callers each send four commands one after the other to the online device, while 30 commands
+    // go to the offline one, ten callers race with one Idempotency-Key, and refused ones are mixed in.
+    let online = futures::future::join_all((0..5).map(|caller| async move {
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            let (s, v) = post("on", "commands", json!({"name": format!("c{caller}_{n}")}), None).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            ids.push(v["request_id"].as_str().unwrap().to_string());
+        }
+        ids
+    }));
+    let offline = futures::future::join_all(
+        (0..30).map(|n| post("off", "commands", json!({"name": format!("q{n}"), "ttl_secs": 600}), None)),
+    );
+    let keyed = futures::future::join_all(
+        (0..10).map(|_| post("off", "commands", json!({"name": "once", "ttl_secs": 600}), Some("same-key"))),
+    );
+    let refused = futures::future::join_all([
+        post("nope", "commands", json!({"name": "x"}), None),
+        post("sus", "commands", json!({"name": "x"}), None),
+        post("off", "rpc", json!({"name": "x"}), None),
+    ]);
+    let (online, offline, keyed, refused) = tokio::join!(online, offline, keyed, refused);
+
+    let mut queued = std::collections::HashSet::new();
+    for (s, v) in &offline {
+        assert_eq!((*s, v["state"].as_str()), (StatusCode::CREATED, Some("queued")), "{v}");
+        queued.insert(v["request_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(queued.len(), 30, "thirty distinct commands");
+    let created: Vec<_> = keyed.iter().filter(|(s, _)| *s == StatusCode::CREATED).collect();
+    assert_eq!(created.len(), 1, "one caller creates the keyed command: {keyed:?}");
+    let once = created[0].1["request_id"].as_str().unwrap();
+    for (s, v) in &keyed {
+        assert!(s.is_success() && v["request_id"] == once, "every other caller gets the same command: {v}");
+    }
+    let statuses: Vec<(StatusCode, String)> =
+        refused.iter().map(|(s, v)| (*s, v["detail"].as_str().unwrap_or_default().to_string())).collect();
+    assert_eq!(statuses[0].0, StatusCode::NOT_FOUND, "{statuses:?}");
+    assert!(statuses[1].0 == StatusCode::CONFLICT && statuses[1].1.contains("suspended"), "{statuses:?}");
+    assert!(statuses[2].0 == StatusCode::CONFLICT && statuses[2].1.contains("offline"), "{statuses:?}");
+    let (_, listed) = hub.call(Method::GET, "/api/v1/products/p/devices/off/commands?limit=100", None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 31, "30 + the keyed one, nothing doubled: {listed}");
+    let (_, listed) = hub.call(Method::GET, "/api/v1/products/p/devices/sus/commands", None).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 0, "{listed}");
+
+    // The online device got each of the 20 commands once, every caller's in its order, and each reached
+    // `replied`.
+    let topics = eventually(Duration::from_secs(20), "20 commands delivered", || async {
+        let got = received(&inbox, "cmd/p/on/");
+        (got.len() >= 20).then_some(got)
+    })
+    .await;
+    assert_eq!(topics.len(), 20, "{topics:?}");
+    for (caller, ids) in online.iter().enumerate() {
+        let positions: Vec<usize> =
+            ids.iter().map(|id| topics.iter().position(|(t, _)| t.contains(id.as_str())).expect("delivered")).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "caller {caller} out of order: {positions:?}");
+        for id in ids {
+            wait_state(&hub, "p", "on", id, "replied").await;
+        }
+    }
 }
