@@ -179,13 +179,24 @@ fn qualified(table: &str) -> String {
 }
 
 /// Which of the (lock-ordered) changes go to the set-based statements: a `Sent` or `Delivered` that is the
-/// first change of its command in the batch. Any later change of the same command (the `acked` after the
-/// `delivered`, a reply) runs on its own afterwards and sees its effect, as it would in order.
-fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>) {
+/// first change of its command in the batch. Any later change of the same command (a reply) runs on its own
+/// afterwards and sees its effect, as it would in order — except a second `Delivered` (the `acked` after the
+/// `delivered`), which can never apply after the first (`delivered_at` is set) and is skipped.
+fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>, std::collections::HashSet<usize>) {
     let (mut sent, mut delivered) = (Vec::new(), Vec::new());
+    let mut skipped = std::collections::HashSet::new();
     let mut seen = std::collections::HashSet::new();
+    let mut reported = std::collections::HashSet::new();
     for (i, c) in ordered.iter().enumerate() {
-        if !seen.insert((c.device.product.as_str(), c.device.device.as_str(), c.request_id.as_str())) {
+        let key = (c.device.product.as_str(), c.device.device.as_str(), c.request_id.as_str());
+        let first = seen.insert(key);
+        if let Transition::Delivered { .. } = c.transition {
+            if !reported.insert(key) {
+                skipped.insert(i);
+                continue;
+            }
+        }
+        if !first {
             continue;
         }
         match c.transition {
@@ -196,9 +207,9 @@ fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>) {
     }
     // One command alone gains nothing from the extra locking statement.
     if sent.len() + delivered.len() < 2 {
-        return (Vec::new(), Vec::new());
+        return (Vec::new(), Vec::new(), skipped);
     }
-    (sent, delivered)
+    (sent, delivered, skipped)
 }
 
 /// [`Sql::insert_checked`] for a whole batch, with the `queued` events of the rows it wrote, in one
@@ -632,7 +643,7 @@ impl CommandStore for PgStore {
         // The common transitions (a dispatch's sends, a webhook group's delivery reports) are applied with
         // one statement per kind, whose join must look each command up by its key: right after start (or
         // in a young table) the planner's statistics call the table tiny and it would scan it instead.
-        let (sent, delivered) = set_based(&ordered);
+        let (sent, delivered, skipped) = set_based(&ordered);
         let mut tx = self.pool_for(durability).begin().await?;
         if !sent.is_empty() || !delivered.is_empty() {
             sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
@@ -700,6 +711,8 @@ impl CommandStore for PgStore {
         for (i, change) in ordered.iter().enumerate() {
             let record = if batched.contains(&i) {
                 applied.remove(&i)
+            } else if skipped.contains(&i) {
+                None
             } else {
                 match transition_query!(&PG_SQL, change).fetch_optional(&mut *tx).await? {
                     Some(row) => Some(command_row!(&row)?),
@@ -1037,4 +1050,38 @@ async fn sqlite_outbox(
         out.push(OutboxRecord { id, event });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(device: &str, transition: Transition) -> CommandChange {
+        CommandChange {
+            device: DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse(device).unwrap()),
+            request_id: "r".into(),
+            transition,
+        }
+    }
+
+    #[test]
+    fn only_first_changes_are_set_based_and_repeated_delivery_reports_are_skipped() {
+        let replied = Transition::Replied { at: 3, mode: CommandMode::Cmd, payload: vec![], message_id: "m".into() };
+        let changes = [
+            change("a", Transition::Delivered { at: 1 }),
+            change("a", Transition::Delivered { at: 2 }),
+            change("a", replied.clone()),
+            change("b", Transition::Sent { at: 1, next_attempt_at: None, lease: 9 }),
+            change("c", replied),
+            change("c", Transition::Delivered { at: 4 }),
+        ];
+        let ordered = in_lock_order(&changes);
+        let (sent, delivered, skipped) = set_based(&ordered);
+        assert_eq!(sent, [3]);
+        assert_eq!(delivered, [0], "c's report follows its reply, so it runs on its own, in order");
+        assert_eq!(skipped, [1].into_iter().collect());
+        // A lone change goes the per-row way.
+        let (sent, delivered, _) = set_based(&ordered[..1]);
+        assert!(sent.is_empty() && delivered.is_empty());
+    }
 }
