@@ -43,6 +43,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0],
                 )
                 .expect("static buckets are valid")
+                // Commands per group commit, not seconds.
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("iothub_command_group_size".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0],
+                )
+                .expect("static buckets are valid")
                 .build_recorder();
             let handle = recorder.handle();
             let _ = metrics::set_global_recorder(recorder);
