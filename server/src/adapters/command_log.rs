@@ -340,7 +340,7 @@ macro_rules! create_rollout_body {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| device_gone(e, &command.device))?;
-            let row = insert_query!($sql, command, $now)
+            let row = insert_query!(&$sql.insert, command, $now)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|e| device_gone(e, &command.device))?;
@@ -370,10 +370,11 @@ macro_rules! insert_tag_query {
     }};
 }
 
+/// `statement` ([`Sql::insert`] or [`Sql::insert_checked`]) with one command's first fourteen parameters.
 macro_rules! insert_query {
-    ($sql:expr, $c:expr, $now:expr) => {{
+    ($statement:expr, $c:expr, $now:expr) => {{
         let c: &NewCommand = $c;
-        sqlx::query(&$sql.insert)
+        sqlx::query($statement)
             .bind(c.device.product.as_str())
             .bind(c.device.device.as_str())
             .bind(c.request_id.as_str())
@@ -831,21 +832,7 @@ impl CommandStore for SqliteStore {
         let mut out = Vec::with_capacity(commands.len());
         let mut events = Vec::new();
         for c in commands {
-            let inserted = sqlx::query(&SQLITE_SQL.insert_checked)
-                .bind(c.device.product.as_str())
-                .bind(c.device.device.as_str())
-                .bind(c.request_id.as_str())
-                .bind(c.mode.as_str())
-                .bind(c.name.as_str())
-                .bind(c.format.as_str())
-                .bind(c.payload.as_slice())
-                .bind(c.qos as i16)
-                .bind(c.idempotency_key.as_deref())
-                .bind(now)
-                .bind(c.expires_at)
-                .bind(c.retry.map_or(1, |r| r.max_attempts))
-                .bind(c.retry.map(|r| r.interval_ms))
-                .bind(c.leased_until)
+            let inserted = insert_query!(&SQLITE_SQL.insert_checked, c, now)
                 .bind(c.require_online)
                 .fetch_optional(&mut *tx)
                 .await?;

@@ -165,6 +165,27 @@ impl CommandService {
         Self { inner }
     }
 
+    /// A caller's command as it is logged: claimed for sending at once if its device is online when it is
+    /// written. An RPC is refused instead of queued for an offline device, and has no key or retry policy.
+    fn new_command(&self, device: &DeviceRef, request: CommandRequest, mode: CommandMode) -> NewCommand {
+        let now = now_ms();
+        let rpc = mode == CommandMode::Rpc;
+        NewCommand {
+            device: device.clone(),
+            request_id: new_request_id(),
+            mode,
+            name: request.name,
+            format: request.format,
+            payload: request.payload,
+            qos: request.qos,
+            expires_at: request.ttl_ms.map(|ttl| now + ttl),
+            idempotency_key: if rpc { None } else { request.idempotency_key },
+            retry: if rpc { None } else { request.retry },
+            leased_until: Some(now + self.inner.settings.dispatch_lease_ms),
+            require_online: rpc,
+        }
+    }
+
     /// Hands a command to the next group commit; returns once it is logged (or refused).
     async fn log(&self, command: NewCommand) -> Result<(Inserted, oneshot::Receiver<CommandRecord>)> {
         let (logged, logged_rx) = oneshot::channel();
@@ -285,22 +306,7 @@ impl CommandService {
 
     async fn create(&self, device: &DeviceRef, request: CommandRequest) -> Result<(CommandRecord, bool)> {
         let inner = &self.inner;
-        let now = now_ms();
-        let command = NewCommand {
-            device: device.clone(),
-            request_id: new_request_id(),
-            mode: CommandMode::Cmd,
-            name: request.name,
-            format: request.format,
-            payload: request.payload,
-            qos: request.qos,
-            expires_at: request.ttl_ms.map(|ttl| now + ttl),
-            idempotency_key: request.idempotency_key,
-            retry: request.retry,
-            // Taken only if the device is online: then the command goes out at once.
-            leased_until: Some(now + inner.settings.dispatch_lease_ms),
-            require_online: false,
-        };
+        let command = self.new_command(device, request, CommandMode::Cmd);
         let (name, payload, format, qos) = (command.name.clone(), command.payload.clone(), command.format, command.qos);
         let (inserted, sent) = self.log(command).await?;
         let record = match inserted {
@@ -356,21 +362,7 @@ impl CommandService {
         Self::validate(&request)?;
         let started = tokio::time::Instant::now();
         let inner = &self.inner;
-        let now = now_ms();
-        let command = NewCommand {
-            device: device.clone(),
-            request_id: new_request_id(),
-            mode: CommandMode::Rpc,
-            name: request.name,
-            format: request.format,
-            payload: request.payload,
-            qos: request.qos,
-            expires_at: request.ttl_ms.map(|ttl| now + ttl),
-            idempotency_key: None,
-            retry: None,
-            leased_until: Some(now + inner.settings.dispatch_lease_ms),
-            require_online: true,
-        };
+        let command = self.new_command(device, request, CommandMode::Rpc);
         // The waiter is registered before the command is logged, so no reply can slip past it.
         let waiter =
             inner.replies.wait(reply_key(device.product.as_str(), device.device.as_str(), &command.request_id));
