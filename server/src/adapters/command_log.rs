@@ -215,25 +215,31 @@ fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>, std::collec
 /// [`Sql::insert_checked`] for a whole batch, with the `queued` events of the rows it wrote, in one
 /// statement (so one round trip, committed on its own): the commands arrive as arrays (`$1..$14`), their
 /// prepared events as `$16..$20` (request id, kind, routing key, event id, body). Rows are written in
-/// (device, arrival) order so concurrent batches lock in one order and a device's commands keep theirs.
-/// Each written row comes back with its outbox id.
+/// (device, idempotency key, arrival) order so concurrent batches lock rows, and wait on each other's
+/// keys, in one order. Each written row comes back with its outbox id; each command its device refused
+/// comes back as `refused_ord` (1-based) with the device's `status` and `online` as this statement saw
+/// them, so the reason is decided from the same snapshot as the refusal (a later look could find the
+/// device changed and no reason at all). A command in neither set hit an existing key.
 static PG_INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
+    let nulls = COLUMNS.split(", ").map(|_| "NULL").collect::<Vec<_>>().join(", ");
     format!(
-        "WITH ins AS (
+        "WITH i AS MATERIALIZED (
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                         $7::BYTEA[], $8::INT2[], $9::TEXT[], $10::INT8[], $11::INT4[], $12::INT8[], $13::INT8[],
+                         $14::BOOL[])
+                     WITH ORDINALITY AS i(product_id, device_id, request_id, mode, name, payload_format, payload,
+                         qos, idempotency_key, expires_at, max_attempts, retry_interval_ms, leased_until,
+                         require_online, ord)
+         ), ins AS (
              INSERT INTO device_commands (product_id, device_id, request_id, mode, name, payload_format, payload,
                  qos, idempotency_key, state, created_at, expires_at, max_attempts, retry_interval_ms,
                  next_attempt_at)
              SELECT i.product_id, i.device_id, i.request_id, i.mode, i.name, i.payload_format, i.payload, i.qos,
                     i.idempotency_key, 'queued', $15, i.expires_at, i.max_attempts, i.retry_interval_ms,
                     CASE WHEN d.online THEN i.leased_until ELSE NULL END
-             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BYTEA[],
-                         $8::INT2[], $9::TEXT[], $10::INT8[], $11::INT4[], $12::INT8[], $13::INT8[], $14::BOOL[])
-                     WITH ORDINALITY AS i(product_id, device_id, request_id, mode, name, payload_format, payload,
-                         qos, idempotency_key, expires_at, max_attempts, retry_interval_ms, leased_until,
-                         require_online, ord)
-             JOIN devices d ON d.product_id = i.product_id AND d.device_id = i.device_id
+             FROM i JOIN devices d ON d.product_id = i.product_id AND d.device_id = i.device_id
              WHERE d.status = 'active' AND (d.online OR NOT i.require_online)
-             ORDER BY i.product_id, i.device_id, i.ord
+             ORDER BY i.product_id, i.device_id, i.idempotency_key NULLS LAST, i.ord
              ON CONFLICT DO NOTHING RETURNING {COLUMNS}
          ), events AS (
              SELECT * FROM UNNEST($16::TEXT[], $17::TEXT[], $18::TEXT[], $19::TEXT[], $20::BYTEA[])
@@ -244,8 +250,13 @@ static PG_INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
              FROM events e JOIN ins ON ins.request_id = e.request_id
              RETURNING id, event_id
          )
-         SELECT {}, outbox.id AS outbox_id
-         FROM ins JOIN events e ON e.request_id = ins.request_id JOIN outbox ON outbox.event_id = e.event_id",
+         SELECT {}, outbox.id AS outbox_id, NULL::INT8 AS refused_ord, NULL::TEXT AS refused_status,
+                NULL::BOOL AS refused_online
+         FROM ins JOIN events e ON e.request_id = ins.request_id JOIN outbox ON outbox.event_id = e.event_id
+         UNION ALL
+         SELECT {nulls}, NULL, i.ord, d.status, d.online
+         FROM i LEFT JOIN devices d ON d.product_id = i.product_id AND d.device_id = i.device_id
+         WHERE d.status IS DISTINCT FROM 'active' OR (i.require_online AND NOT d.online)",
         qualified("ins")
     )
 });
@@ -392,42 +403,26 @@ macro_rules! insert_query {
     }};
 }
 
-/// Why a command of a batch was not written: its idempotency key names an existing command, or its device
-/// refused it. Runs after the batch's insert (or inside its transaction), so it sees the batch's own rows.
-macro_rules! not_inserted {
-    ($sql:expr, $executor:expr, $c:expr) => {{
-        let c: &NewCommand = $c;
-        let existing = match &c.idempotency_key {
-            Some(key) => sqlx::query(&$sql.by_key)
-                .bind(c.device.product.as_str())
-                .bind(c.device.device.as_str())
-                .bind(key)
-                .fetch_optional($executor)
-                .await?
-                .as_ref()
-                .map(|r| command_row!(r))
-                .transpose()?,
-            None => None,
-        };
-        let device: Option<(String, bool)> = match existing {
-            Some(_) => None,
-            None => {
-                sqlx::query_as(&$sql.device_state)
-                    .bind(c.device.product.as_str())
-                    .bind(c.device.device.as_str())
-                    .fetch_optional($executor)
-                    .await?
-            }
-        };
-        match (existing, device) {
-            (Some(record), _) => Inserted::Existing(record),
-            (None, None) => Inserted::Refused(Refusal::UnknownDevice),
-            (None, Some((status, _))) if status != "active" => Inserted::Refused(Refusal::Suspended),
-            (None, Some((_, false))) if c.require_online => Inserted::Refused(Refusal::Offline),
-            // Without a key the only possible conflict is the request id, which iothub generates.
-            (None, Some(_)) => return Err(Error::Conflict(format!("request id `{}` already exists", c.request_id))),
+/// Why a device refuses a command, from its `(status, online)` (`None`: no such device); `None` if it takes it.
+fn refusal(device: Option<(&str, bool)>, require_online: bool) -> Option<Refusal> {
+    match device {
+        None => Some(Refusal::UnknownDevice),
+        Some((status, _)) if status != "active" => Some(Refusal::Suspended),
+        Some((_, false)) if require_online => Some(Refusal::Offline),
+        Some(_) => None,
+    }
+}
+
+/// A command whose key was taken, though its device accepts it: the command holding the key.
+fn existing_or_conflict(c: &NewCommand, existing: Option<CommandRecord>) -> Result<Inserted> {
+    match (existing, &c.idempotency_key) {
+        (Some(record), _) => Ok(Inserted::Existing(record)),
+        (None, Some(key)) => {
+            Err(Error::Conflict(format!("the command holding Idempotency-Key `{key}` was deleted meanwhile; retry")))
         }
-    }};
+        // Without a key the only possible conflict is the request id, which iothub generates.
+        (None, None) => Err(Error::Conflict(format!("request id `{}` already exists", c.request_id))),
+    }
 }
 
 /// Rows are locked in one global order (primary key), so concurrent transactions never deadlock.
@@ -490,7 +485,7 @@ impl CommandStore for PgStore {
         queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+    ) -> Result<(Vec<Result<Inserted>>, Vec<OutboxRecord>)> {
         if commands.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -738,7 +733,7 @@ impl PgStore {
         queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+    ) -> Result<(Vec<Result<Inserted>>, Vec<OutboxRecord>)> {
         let all_rpc = commands.iter().all(|c| c.mode == CommandMode::Rpc);
         let pool = self.pool_for(if all_rpc { Durability::Relaxed } else { Durability::Required });
         let events: Vec<BusEvent> = commands.iter().map(|c| queued_event(&c.queued_record(now))).collect();
@@ -767,27 +762,88 @@ impl PgStore {
             .bind(now + lease_ms)
             .fetch_all(pool)
             .await?;
+        // From here on the batch is committed: nothing may fail it as a whole (its callers would retry
+        // commands that are written and leased).
         let mut created = HashMap::with_capacity(rows.len());
+        let mut refused = HashMap::new();
         for row in &rows {
-            let record = command_row!(row)?;
-            let outbox_id: i64 = row.try_get("outbox_id")?;
-            created.insert(record.request_id.clone(), (record, outbox_id));
+            match row.try_get::<Option<i64>, _>("refused_ord")? {
+                Some(ord) => {
+                    let status: Option<String> = row.try_get("refused_status")?;
+                    let online: Option<bool> = row.try_get("refused_online")?;
+                    let index = usize::try_from(ord - 1).map_err(|_| anyhow::anyhow!("ordinal {ord}"))?;
+                    let require_online = commands.get(index).is_some_and(|c| c.require_online);
+                    // The statement returns exactly the rows it refused; `Offline` is the only reason left.
+                    let why = refusal(status.as_deref().map(|s| (s, online.unwrap_or(false))), require_online)
+                        .unwrap_or(Refusal::Offline);
+                    refused.insert(index, why);
+                }
+                None => {
+                    let record = command_row!(row)?;
+                    let outbox_id: i64 = row.try_get("outbox_id")?;
+                    created.insert(record.request_id.clone(), (record, outbox_id));
+                }
+            }
         }
         let mut out = Vec::with_capacity(commands.len());
-        let mut outbox = Vec::with_capacity(rows.len());
-        for (command, event) in commands.iter().zip(events) {
-            out.push(match created.remove(&command.request_id) {
-                Some((record, id)) => {
+        let mut outbox = Vec::with_capacity(created.len());
+        let mut taken = Vec::new();
+        for (index, (command, event)) in commands.iter().zip(events).enumerate() {
+            out.push(match (created.remove(&command.request_id), refused.remove(&index)) {
+                (Some((record, id)), _) => {
                     outbox.push(OutboxRecord { id, event });
-                    Inserted::Created(record)
+                    Ok(Inserted::Created(record))
                 }
-                // The statement committed: a key's existing command (even one this batch wrote) is visible.
-                None => not_inserted!(PG_SQL, self.pool(), command),
+                (None, Some(why)) => Ok(Inserted::Refused(why)),
+                (None, None) => {
+                    taken.push(index);
+                    Err(Error::Conflict(String::new()))
+                }
             });
         }
         outbox.sort_by_key(|r| r.id);
+        // The statement committed: a key's existing command (even one this batch wrote) is visible.
+        for index in taken {
+            let command = &commands[index];
+            out[index] = match &command.idempotency_key {
+                Some(key) => sqlx::query(&PG_SQL.by_key)
+                    .bind(command.device.product.as_str())
+                    .bind(command.device.device.as_str())
+                    .bind(key)
+                    .fetch_optional(self.pool())
+                    .await
+                    .map_err(Error::from)
+                    .and_then(|row| row.as_ref().map(|r| command_row!(r)).transpose())
+                    .and_then(|existing| existing_or_conflict(command, existing)),
+                None => existing_or_conflict(command, None),
+            };
+        }
         Ok((out, outbox))
     }
+}
+
+/// Why a command was not written inside a SQLite batch (whose transaction sees its own rows).
+async fn sqlite_not_inserted(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, c: &NewCommand) -> Result<Result<Inserted>> {
+    if let Some(key) = &c.idempotency_key {
+        let row = sqlx::query(&SQLITE_SQL.by_key)
+            .bind(c.device.product.as_str())
+            .bind(c.device.device.as_str())
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Ok(Inserted::Existing(command_row!(&row)?)));
+        }
+    }
+    let device: Option<(String, bool)> = sqlx::query_as(&SQLITE_SQL.device_state)
+        .bind(c.device.product.as_str())
+        .bind(c.device.device.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match refusal(device.as_ref().map(|(s, o)| (s.as_str(), *o)), c.require_online) {
+        Some(why) => Ok(Inserted::Refused(why)),
+        None => existing_or_conflict(c, None),
+    })
 }
 
 async fn pg_outbox(
@@ -824,7 +880,7 @@ impl CommandStore for SqliteStore {
         queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)> {
+    ) -> Result<(Vec<Result<Inserted>>, Vec<OutboxRecord>)> {
         if commands.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
@@ -840,9 +896,10 @@ impl CommandStore for SqliteStore {
                 Some(row) => {
                     let record = command_row!(&row)?;
                     events.push(queued_event(&record));
-                    Inserted::Created(record)
+                    Ok(Inserted::Created(record))
                 }
-                None => not_inserted!(SQLITE_SQL, &mut *tx, c),
+                // One writer: the device cannot change between the insert and this look.
+                None => sqlite_not_inserted(&mut tx, c).await?,
             });
         }
         let outbox = sqlite_outbox(&mut tx, events, now, lease_ms).await?;

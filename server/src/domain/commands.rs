@@ -210,9 +210,17 @@ impl CommandService {
             callers.push((logged, sent));
         }
         metrics::histogram!("iothub_command_group_size").record(commands.len() as f64);
+        let now = now_ms();
+        // The lease runs from the write, not from the request: time spent waiting for the group does
+        // not shorten it.
+        for command in &mut commands {
+            if command.leased_until.is_some() {
+                command.leased_until = Some(now + inner.settings.dispatch_lease_ms);
+            }
+        }
         let result = inner
             .commands
-            .insert_commands(&commands, &events::command_state, now_ms(), inner.settings.outbox_lease_ms)
+            .insert_commands(&commands, &events::command_state, now, inner.settings.outbox_lease_ms)
             .await;
         let outcomes = match result {
             Ok((outcomes, outbox)) => {
@@ -230,13 +238,13 @@ impl CommandService {
         let mut claimed = Vec::new();
         let mut waiting = HashMap::new();
         for (outcome, (logged, sent)) in outcomes.into_iter().zip(callers) {
-            if let Inserted::Created(record) = &outcome {
+            if let Ok(Inserted::Created(record)) = &outcome {
                 if record.next_attempt_at.is_some() {
                     waiting.insert(record.request_id.clone(), sent);
                     claimed.push(record.clone());
                 }
             }
-            let _ = logged.send(Ok(outcome));
+            let _ = logged.send(outcome);
         }
         if claimed.is_empty() {
             return;

@@ -313,13 +313,17 @@ pub trait CommandStore: Send + Sync + 'static {
     /// `require_online`, an offline one) is refused, the others are unaffected. With an idempotency key
     /// already used for the device the existing command comes back and nothing is written. Batches made
     /// only of RPCs are written with [`Durability::Relaxed`].
+    ///
+    /// `Err` of the whole call means nothing was written. Once the batch is written, an outcome that
+    /// cannot be told (a failed lookup of an existing command) is an `Err` of that command alone: the
+    /// others are written and leased, and their callers must hear so.
     async fn insert_commands(
         &self,
         commands: &[NewCommand],
         queued_event: QueuedEvent<'_>,
         now: i64,
         lease_ms: i64,
-    ) -> Result<(Vec<Inserted>, Vec<OutboxRecord>)>;
+    ) -> Result<(Vec<Result<Inserted>>, Vec<OutboxRecord>)>;
     async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>>;
     async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>>;
     /// Leases up to `limit` commands ready to go out: unexpired, not replied, their device online, and

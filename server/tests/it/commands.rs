@@ -807,3 +807,64 @@ async fn concurrent_commands_share_group_commits(db: Db) {
         }
     }
 }
+
+both_backends!(device_changing_under_a_burst_fails_no_group, device_changing_under_a_burst_fails_no_group);
+/// A device suspended and resumed again and again while commands for it (and for a quiet neighbour) pour in:
+/// every caller hears what happened to its own command — created, or refused because the device was
+/// suspended when its group was written — and the log holds exactly the created ones. A device changing
+/// between a group's write and the sorting-out of its refusals must not turn the whole group into errors
+/// while its other commands stand written.
+async fn device_changing_under_a_burst_fails_no_group(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("p").await;
+    hub.register("p", "flip").await;
+    hub.register("p", "calm").await;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let flipper = async {
+        let mut flips = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for action in ["suspend", "resume"] {
+                let (s, v) = hub.call(Method::POST, &format!("/api/v1/products/p/devices/flip/{action}"), None).await;
+                assert!(s.is_success(), "{action}: {v}");
+            }
+            flips += 1;
+        }
+        flips
+    };
+    let burst = async {
+        let answers = futures::future::join_all((0..240).map(|n| {
+            let device = if n % 2 == 0 { "flip" } else { "calm" };
+            let rb = hub
+                .request(Method::POST, &format!("/api/v1/products/p/devices/{device}/commands"))
+                .json(&json!({"name": format!("c{n}"), "ttl_secs": 600}));
+            async move {
+                let resp = rb.send().await.unwrap();
+                (device, resp.status(), resp.json::<Value>().await.unwrap())
+            }
+        }))
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        answers
+    };
+    let (flips, answers) = tokio::join!(flipper, burst);
+    assert!(flips > 0);
+    let mut created = std::collections::HashMap::<&str, usize>::new();
+    for (device, status, body) in &answers {
+        match *status {
+            StatusCode::CREATED => *created.entry(device).or_default() += 1,
+            StatusCode::CONFLICT if *device == "flip" => {
+                let detail = body["detail"].as_str().unwrap_or_default();
+                assert!(detail.contains("suspended"), "refused for its own device's state only: {body}");
+            }
+            other => panic!("{device}: {other} {body}"),
+        }
+    }
+    assert_eq!(created.get("calm"), Some(&120), "the neighbour's commands all land");
+    for device in ["flip", "calm"] {
+        let (_, listed) =
+            hub.call(Method::GET, &format!("/api/v1/products/p/devices/{device}/commands?limit=500"), None).await;
+        let logged = listed["items"].as_array().unwrap().len();
+        assert_eq!(logged, created.get(device).copied().unwrap_or(0), "{device}: logged = told created");
+    }
+    hub.stop().await;
+}
