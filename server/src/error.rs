@@ -94,6 +94,22 @@ impl From<sqlx::Error> for Error {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Error::Unavailable(format!("database unavailable: {e}"))
             }
+            // The server going away or refusing work (SQLSTATE classes 08 connection exception, 53
+            // insufficient resources, 57 operator intervention: restart, failover, too many connections) and
+            // lost races the client should simply repeat (40001, 40P01): a retryable 503, not a 500.
+            sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| {
+                    // SQLSTATEs have five characters; SQLite's numeric codes never do.
+                    c.len() == 5
+                        && (c.starts_with("08")
+                            || c.starts_with("53")
+                            || c.starts_with("57")
+                            || c == "40001"
+                            || c == "40P01")
+                }) =>
+            {
+                Error::Unavailable(format!("database unavailable: {e}"))
+            }
             _ => Error::Internal(anyhow::Error::new(e).context("database")),
         }
     }
@@ -143,5 +159,59 @@ impl IntoResponse for Error {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Db(&'static str);
+
+    impl std::fmt::Display for Db {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "database error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Db {}
+
+    impl sqlx::error::DatabaseError for Db {
+        fn message(&self) -> &str {
+            "test"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn status_of(code: &'static str) -> u16 {
+        Error::from(sqlx::Error::Database(Box::new(Db(code)))).status().as_u16()
+    }
+
+    #[test]
+    fn database_going_away_is_retryable() {
+        // admin_shutdown (restart), cannot_connect_now, connection_failure, too_many_connections,
+        // serialization_failure, deadlock_detected
+        for code in ["57P01", "57P03", "08006", "53300", "40001", "40P01"] {
+            assert_eq!(status_of(code), 503, "{code}");
+        }
+        // unique_violation is a bug if it reaches here; SQLite's numeric I/O error code is not a SQLSTATE.
+        for code in ["23505", "5386", "42P01"] {
+            assert_eq!(status_of(code), 500, "{code}");
+        }
     }
 }

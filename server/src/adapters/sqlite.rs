@@ -42,9 +42,16 @@ impl SqliteStore {
                 std::fs::create_dir_all(parent)?;
             }
         }
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        // A file connection cannot go stale: the ping sqlx sends before each acquire would only cost a
+        // hop to the connection's thread and back.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(options.clone())
+            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
+            .test_before_acquire(false)
             .connect_with(options.read_only(false))
             .await?;
         Ok(Self { reader, writer })

@@ -222,3 +222,38 @@ async fn health_and_metrics() {
     assert!(text.contains("route=\"/api/v1/products\""), "{text}");
     hub.stop().await;
 }
+
+/// PostgreSQL dropping the hub's connections (a restart, a failover, an idle-connection reaper) costs no
+/// request an error: a connection that sat idle is checked before it is handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_database_connections_cost_no_request() {
+    use sqlx::Connection;
+    let hub = TestHub::start(Db::Postgres).await;
+    hub.create_product("p").await;
+    // Several connections in the pool.
+    let h = &hub;
+    let warm = futures::future::join_all((0..8).map(|n| async move { h.register("p", &format!("d{n}")).await })).await;
+    assert_eq!(warm.len(), 8);
+    let mut admin = sqlx::PgConnection::connect(&hub.config.database.url).await.unwrap();
+    let killed: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(killed.len() >= 2, "the hub held connections: {killed:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let answers = futures::future::join_all((0..16).map(|n| {
+        let path = if n % 2 == 0 {
+            "/api/v1/products/p/devices".to_string()
+        } else {
+            format!("/api/v1/products/p/devices/d{}", n % 8)
+        };
+        async move { h.call(Method::GET, &path, None).await }
+    }))
+    .await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    hub.stop().await;
+}
