@@ -221,7 +221,7 @@ impl Application {
             Arc::new(
                 RedisDedup::connect(&config.redis.url, &config.redis.key_prefix, dedup_window, IN_FLIGHT_TTL)
                     .await
-                    .context("connecting to Redis")?,
+                    .context("Redis URL")?,
             )
         };
         let bus: Arc<dyn EventBus> = if config.rabbitmq.url.is_empty() {
@@ -244,11 +244,7 @@ impl Application {
         let replies: Arc<dyn ReplyHub> = if config.redis.url.is_empty() {
             Arc::new(MemoryReplies::default())
         } else {
-            Arc::new(
-                RedisReplies::connect(&config.redis.url, &config.redis.key_prefix)
-                    .await
-                    .context("subscribing to RPC replies on Redis")?,
-            )
+            Arc::new(RedisReplies::connect(&config.redis.url, &config.redis.key_prefix).await.context("Redis URL")?)
         };
         let commands = CommandService::start(
             store.clone(),

@@ -19,6 +19,17 @@ pub struct RedisDedup {
     in_flight_ttl: Duration,
 }
 
+/// The connection both Redis adapters use. A refused or timed-out connect is retried once, briefly, per
+/// request: every ingest group asks Redis, and while Redis is away each should fall back to the degraded
+/// path within a second, not sit through the crate's default six retries with exponential backoff.
+pub(crate) fn connection_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200))
+}
+
 fn unavailable(e: redis::RedisError) -> Error {
     Error::Unavailable(format!("redis: {e}"))
 }
@@ -26,10 +37,8 @@ fn unavailable(e: redis::RedisError) -> Error {
 impl RedisDedup {
     pub async fn connect(url: &str, prefix: &str, window: Duration, in_flight_ttl: Duration) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        // Lazy: Redis being down at start (or later) degrades dedup instead of stopping iothub.
+        let conn = ConnectionManager::new_lazy_with_config(client, connection_config())?;
         Ok(Self { conn, prefix: format!("{prefix}dedup:"), window, in_flight_ttl })
     }
 

@@ -26,14 +26,19 @@ pub struct RedisReplies {
 impl RedisReplies {
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), super::redis_dedup::connection_config())?;
         let channel = format!("{prefix}rpc_replies");
         let waiters = Arc::new(Waiters::default());
-        // Subscribed before we return, so no reply announced after start-up is missed.
-        let first = subscribe(&client, &channel).await?;
+        // Subscribed before we return when Redis is up, so no reply announced after start-up is missed.
+        // Without Redis the instance still starts: its own callers get their replies locally, and the
+        // listener keeps trying to subscribe.
+        let first = match subscribe(&client, &channel).await {
+            Ok(pubsub) => Some(pubsub),
+            Err(e) => {
+                tracing::warn!(error = %e, "RPC reply channel unavailable at start; retrying in the background");
+                None
+            }
+        };
         let subscriber = tokio::spawn(listen(client, channel.clone(), waiters.clone(), first));
         Ok(Self { conn, channel, waiters, subscriber })
     }
@@ -45,15 +50,21 @@ impl Drop for RedisReplies {
     }
 }
 
-async fn subscribe(client: &redis::Client, channel: &str) -> redis::RedisResult<redis::aio::PubSub> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub)
+/// Bounded in time: an unreachable (not refusing) Redis must not hold up start-up.
+async fn subscribe(client: &redis::Client, channel: &str) -> anyhow::Result<redis::aio::PubSub> {
+    tokio::time::timeout(Duration::from_secs(2), async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out subscribing"))?
+    .map_err(Into::into)
 }
 
 #[tracing::instrument(skip_all, fields(channel = %channel), name = "redis.rpc_replies")]
-async fn listen(client: redis::Client, channel: String, waiters: Arc<Waiters>, first: redis::aio::PubSub) {
-    let mut next = Some(first);
+async fn listen(client: redis::Client, channel: String, waiters: Arc<Waiters>, first: Option<redis::aio::PubSub>) {
+    let mut next = first;
     let mut backoff = Duration::from_millis(100);
     loop {
         let pubsub = match next.take() {

@@ -308,3 +308,47 @@ async fn readiness_names_a_dead_event_bus() {
     assert_eq!(ok["kind"], "redis");
     hub.stop().await;
 }
+
+/// Redis down from the start: the instance starts anyway, reports dedup `degraded`, and every event is
+/// still stored once (the database's unique keys deduplicate) without waiting long for Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_and_stores_events_without_redis() {
+    let dead = free_port();
+    let hub = TestHub::start_production_with(move |c| c.redis.url = format!("redis://127.0.0.1:{dead}")).await;
+    let r = hub.http.get(format!("{}/readyz", hub.base)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    let failed: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!((body["status"].as_str(), failed), (Some("degraded"), vec!["dedup"]), "{body}");
+
+    hub.create_product("p1").await;
+    let secret = hub.register("p1", "d1").await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1", "p1/d1", &secret).await;
+    let driver = drive(eventloop);
+    wait_online(&hub, "p1", "d1", true).await;
+    let started = std::time::Instant::now();
+    for (n, id) in ["m1", "m1", "m2", "m3"].iter().enumerate() {
+        client
+            .publish(format!("upload_data/p1/d1/t/{id}"), QoS::AtLeastOnce, false, format!("{{\"n\":{n}}}"))
+            .await
+            .unwrap();
+    }
+    let page = eventually(Duration::from_secs(20), "messages stored", || async {
+        let (_, page) = hub.call(Method::GET, "/api/v1/products/p1/devices/d1/messages", None).await;
+        (page["items"].as_array().map_or(0, Vec::len) >= 3).then_some(page)
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "no long wait on the dead Redis: {:?}", started.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, page_after) = hub.call(Method::GET, "/api/v1/products/p1/devices/d1/messages", None).await;
+    assert_eq!(page_after["items"].as_array().unwrap().len(), 3, "m1 once: {page} {page_after}");
+    driver.abort();
+    drop(client);
+    hub.stop().await;
+}

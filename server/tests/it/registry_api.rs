@@ -223,6 +223,49 @@ async fn health_and_metrics() {
     hub.stop().await;
 }
 
+/// The broker's management API being down makes the instance `degraded`, not unready: the broker's auth
+/// hooks and the event webhooks still need it in the load balancer (commands wait in the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_keeps_an_instance_whose_broker_api_is_down() {
+    let dead = crate::helpers::free_port();
+    let hub = TestHub::start_with(Db::Sqlite, move |c| {
+        c.broker.kind = iothub::config::BrokerKind::Emqx5;
+        c.broker.api_url = format!("http://127.0.0.1:{dead}");
+        c.broker.api_key = "k".into();
+        c.broker.api_secret = "s".into();
+        c.broker.api_timeout_ms = 1_000;
+        c.broker.hook_token = "t".repeat(32);
+        c.auth.jwt_secret = "x".repeat(32);
+    })
+    .await;
+    let r = hub.http.get(format!("{}/readyz", hub.base)).send().await.unwrap();
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("degraded")), "{body}");
+    let failed: Vec<&str> = body["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["broker"], "{body}");
+    // The hooks still answer: a device of this hub is authenticated while the API is down.
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let r = hub
+        .http
+        .post(format!("{}/broker/emqx5/authn", hub.base))
+        .bearer_auth("t".repeat(32))
+        .json(&serde_json::json!({"clientid": "p/d", "username": "p/d", "password": secret}))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["result"], "allow", "{body}");
+    hub.stop().await;
+}
+
 /// PostgreSQL dropping the hub's connections (a restart, a failover, an idle-connection reaper) costs no
 /// request an error: a connection that sat idle is checked before it is handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
