@@ -197,6 +197,21 @@ impl TestHub {
         b["secret"].as_str().expect("secret in response").to_string()
     }
 
+    /// `/readyz` now: its status code, its body, and the names of the checks that failed.
+    pub async fn readiness(&self) -> (StatusCode, Value, Vec<String>) {
+        let r = self.http.get(format!("{}/readyz", self.base)).send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        let failed = body["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["ok"] == false)
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        (status, body, failed)
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
