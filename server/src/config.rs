@@ -27,6 +27,7 @@ pub struct Config {
     pub rabbitmq: RabbitMqConfig,
     pub events: EventsConfig,
     pub commands: CommandsConfig,
+    pub retention: RetentionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -183,6 +184,23 @@ pub struct CommandsConfig {
     pub dispatch_lease_ms: u64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days stored device messages are kept (by the broker's receive time); 0 keeps them forever.
+    pub messages_days: u32,
+    /// Days finished commands (replied, expired, failed) are kept; 0 keeps them forever.
+    pub commands_days: u32,
+    /// How often each instance prunes (seconds).
+    pub sweep_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self { messages_days: 0, commands_days: 0, sweep_secs: 3_600 }
+    }
+}
+
 impl Default for CommandsConfig {
     fn default() -> Self {
         Self { sweep_ms: 1_000, dispatch_lease_ms: 30_000 }
@@ -228,6 +246,7 @@ impl Default for Config {
             rabbitmq: RabbitMqConfig::default(),
             events: EventsConfig::default(),
             commands: CommandsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -379,6 +398,14 @@ impl Config {
         anyhow::ensure!(self.events.dedup_window_secs >= 1, "events.dedup_window_secs must be at least 1");
         anyhow::ensure!(self.events.outbox_lease_ms >= 100, "events.outbox_lease_ms must be at least 100");
         anyhow::ensure!(self.events.outbox_sweep_ms >= 10, "events.outbox_sweep_ms must be at least 10");
+        anyhow::ensure!(
+            self.retention.messages_days <= 36_500 && self.retention.commands_days <= 36_500,
+            "retention.messages_days and retention.commands_days must be at most 36500"
+        );
+        anyhow::ensure!(
+            (1..=86_400).contains(&self.retention.sweep_secs),
+            "retention.sweep_secs must be between 1 and 86400"
+        );
         anyhow::ensure!(
             (10..=60_000).contains(&self.commands.sweep_ms),
             "commands.sweep_ms must be between 10 and 60000"

@@ -580,6 +580,22 @@ impl CommandStore for PgStore {
         Ok(claimed)
     }
 
+    #[tracing::instrument(skip(self), name = "pg.prune_commands")]
+    async fn prune_commands(&self, before: i64, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            // By row address, as for messages. A finished command updated meanwhile has moved: the delete
+            // re-checks the moved row against the addresses, skips it, and the next round takes it.
+            "DELETE FROM device_commands
+             WHERE ctid = ANY(ARRAY(SELECT ctid FROM device_commands
+                                    WHERE created_at < $1 AND state IN ('replied', 'expired', 'failed') LIMIT $2))",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     #[tracing::instrument(skip(self), name = "pg.expired_commands")]
     async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>> {
         let rows = sqlx::query(&PG_SQL.expired_list).bind(now).bind(limit as i64).fetch_all(self.pool()).await?;
@@ -985,6 +1001,20 @@ impl CommandStore for SqliteStore {
         tx.commit().await?;
         claimed.sort_by(|a, b| (a.created_at, &a.request_id).cmp(&(b.created_at, &b.request_id)));
         Ok(claimed)
+    }
+
+    #[tracing::instrument(skip(self), name = "sqlite.prune_commands")]
+    async fn prune_commands(&self, before: i64, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM device_commands
+             WHERE rowid IN (SELECT rowid FROM device_commands
+                             WHERE created_at < ?1 AND state IN ('replied', 'expired', 'failed') LIMIT ?2)",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .execute(self.writer())
+        .await?;
+        Ok(done.rows_affected())
     }
 
     #[tracing::instrument(skip(self), name = "sqlite.expired_commands")]

@@ -435,6 +435,22 @@ impl Store for PgStore {
         Ok(records)
     }
 
+    #[tracing::instrument(skip(self), name = "pg.prune_messages")]
+    async fn prune_messages(&self, before: i64, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            // By row address: the batch is found through the BRIN index on sent_at and deleted without a
+            // join (which the planner likes to make a scan of the whole table). Messages are never
+            // updated, so an address cannot move under us.
+            "DELETE FROM device_messages
+             WHERE ctid = ANY(ARRAY(SELECT ctid FROM device_messages WHERE sent_at < $1 LIMIT $2))",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     #[tracing::instrument(skip_all, fields(count = ids.len()), name = "pg.outbox_ack")]
     async fn outbox_ack(&self, ids: &[i64]) -> Result<()> {
         // Published and confirmed: an ack lost in a database crash only publishes those events again

@@ -540,6 +540,19 @@ impl Store for SqliteStore {
         Ok(records)
     }
 
+    #[tracing::instrument(skip(self), name = "sqlite.prune_messages")]
+    async fn prune_messages(&self, before: i64, limit: u32) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM device_messages
+             WHERE rowid IN (SELECT rowid FROM device_messages WHERE sent_at < ?1 LIMIT ?2)",
+        )
+        .bind(before)
+        .bind(limit as i64)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     #[tracing::instrument(skip_all, fields(count = ids.len()), name = "sqlite.outbox_ack")]
     async fn outbox_ack(&self, ids: &[i64]) -> Result<()> {
         let mut tx = self.writer.begin().await?;

@@ -9,5 +9,6 @@ pub mod ingest;
 pub mod ota;
 pub mod registry;
 pub mod relay;
+pub mod retention;
 pub mod shadows;
 pub mod tags;

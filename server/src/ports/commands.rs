@@ -335,6 +335,9 @@ pub trait CommandStore: Send + Sync + 'static {
         lease_ms: i64,
         limit: u32,
     ) -> Result<Vec<CommandRecord>>;
+    /// Deletes up to `limit` finished commands (replied, expired, failed) created before `before` (ms);
+    /// returns how many. Open commands are never pruned.
+    async fn prune_commands(&self, before: i64, limit: u32) -> Result<u64>;
     /// Unfinished commands whose TTL passed (for the expiry sweep).
     async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>>;
     /// Logs a tag command: one row per active device of the tag, with their `queued` events.

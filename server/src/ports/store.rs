@@ -322,6 +322,8 @@ pub trait Store: Send + Sync + 'static {
     async fn list_connections(&self, device: &DeviceRef, limit: u32) -> Result<Vec<ConnectionRecord>>;
     async fn count_online(&self, product: &ProductId) -> Result<i64>;
     async fn list_messages(&self, device: &DeviceRef, filter: &MessageFilter) -> Result<Vec<MessageRecord>>;
+    /// Deletes up to `limit` stored messages the broker received before `before` (ms); returns how many.
+    async fn prune_messages(&self, before: i64, limit: u32) -> Result<u64>;
     async fn get_message(&self, device: &DeviceRef, message_id: &str) -> Result<Option<MessageRecord>>;
     async fn get_report(&self, device: &DeviceRef, kind: ReportKind) -> Result<Option<ReportRecord>>;
 }

@@ -10,6 +10,7 @@ mod events;
 mod hook_contracts;
 mod presence;
 mod registry_api;
+mod retention;
 mod scale_out;
 mod sdk;
 mod webhook_fixtures;

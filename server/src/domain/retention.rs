@@ -1,0 +1,97 @@
+//! Built-in retention: every instance periodically deletes stored device messages and finished commands
+//! older than their configured age (`retention.*`; off by default: nothing is deleted unless asked).
+//!
+//! Deletes go in batches of [`BATCH`] rows, each its own short statement, so pruning a large backlog never
+//! holds locks or a transaction for long, and ingest keeps its turn between batches. Several instances
+//! pruning at once only share the work. Open commands (queued, sent, delivered) are never pruned.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::clock::now_ms;
+use crate::config::RetentionConfig;
+use crate::error::Result;
+use crate::ports::commands::CommandStore;
+use crate::ports::store::Store;
+
+/// Rows per delete statement.
+pub const BATCH: u32 = 5_000;
+const DAY_MS: i64 = 86_400_000;
+
+#[derive(Debug, Clone)]
+pub struct RetentionSettings {
+    /// Keep messages this long (ms) after the broker received them; `None` keeps them forever.
+    pub messages_ms: Option<i64>,
+    /// Keep finished commands this long (ms) after they were created; `None` keeps them forever.
+    pub commands_ms: Option<i64>,
+    pub every: Duration,
+}
+
+impl From<&RetentionConfig> for RetentionSettings {
+    fn from(c: &RetentionConfig) -> Self {
+        let age = |days: u32| (days > 0).then(|| i64::from(days) * DAY_MS);
+        Self {
+            messages_ms: age(c.messages_days),
+            commands_ms: age(c.commands_days),
+            every: Duration::from_secs(c.sweep_secs),
+        }
+    }
+}
+
+/// Starts the pruning loop if anything is to be pruned; it ends when the stores are dropped.
+pub fn start(store: &Arc<dyn Store>, commands: &Arc<dyn CommandStore>, settings: RetentionSettings) {
+    if settings.messages_ms.is_none() && settings.commands_ms.is_none() {
+        return;
+    }
+    tokio::spawn(run(Arc::downgrade(store), Arc::downgrade(commands), settings));
+}
+
+async fn run(store: Weak<dyn Store>, commands: Weak<dyn CommandStore>, settings: RetentionSettings) {
+    let mut interval = tokio::time::interval(settings.every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let (Some(store), Some(commands)) = (store.upgrade(), commands.upgrade()) else { return };
+        if let Err(e) = prune(store.as_ref(), commands.as_ref(), &settings, now_ms()).await {
+            tracing::warn!(error = %e, "retention round failed; retrying at the next one");
+        }
+    }
+}
+
+/// One round: everything past its age, batch after batch, until a batch comes back short.
+#[tracing::instrument(skip_all, name = "retention.prune")]
+pub async fn prune(
+    store: &dyn Store,
+    commands: &dyn CommandStore,
+    settings: &RetentionSettings,
+    now: i64,
+) -> Result<(u64, u64)> {
+    let mut messages = 0;
+    if let Some(age) = settings.messages_ms {
+        loop {
+            let n = store.prune_messages(now - age, BATCH).await?;
+            messages += n;
+            metrics::counter!("iothub_retention_deleted_total", "kind" => "messages").increment(n);
+            if n < u64::from(BATCH) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut finished = 0;
+    if let Some(age) = settings.commands_ms {
+        loop {
+            let n = commands.prune_commands(now - age, BATCH).await?;
+            finished += n;
+            metrics::counter!("iothub_retention_deleted_total", "kind" => "commands").increment(n);
+            if n < u64::from(BATCH) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    if messages + finished > 0 {
+        tracing::info!(messages, commands = finished, "retention pruned old rows");
+    }
+    Ok((messages, finished))
+}

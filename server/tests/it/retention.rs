@@ -1,0 +1,118 @@
+//! Built-in retention (`retention.*`): old messages and old finished commands go, open commands and recent
+//! rows stay, on both backends.
+
+use std::time::Duration;
+
+use base64::Engine;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use sqlx::Connection;
+
+use crate::both_backends;
+use crate::helpers::*;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Runs one statement on the hub's own database (to age rows the API cannot backdate).
+async fn execute(hub: &TestHub, sql: &str) {
+    let url = &hub.config.database.url;
+    if url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(&sql.replace('?', "$1")).execute(&mut conn).await.unwrap();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+}
+
+/// A message as EMQX 5 reports it, received by the broker at `at`.
+async fn publish_at(hub: &TestHub, message_id: &str, at: i64) {
+    let event = json!({
+        "event": "message.publish", "id": message_id, "clientid": "d", "username": "p/d",
+        "payload": base64::engine::general_purpose::STANDARD.encode(b"{\"t\":1}"), "peerhost": "127.0.0.1",
+        "topic": format!("upload_data/p/d/t/{message_id}"), "qos": 1, "flags": {"retain": false, "dup": false},
+        "publish_received_at": at, "timestamp": at, "node": "emqx@127.0.0.1",
+    });
+    let r = hub
+        .http
+        .post(format!("{}/broker/emqx5/events", hub.base))
+        .bearer_auth(&hub.state.hook_token)
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
+async fn ids(hub: &TestHub, path: &str, field: &str) -> Vec<String> {
+    let (s, page) = hub.call(Method::GET, path, None).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    let mut ids: Vec<String> =
+        page["items"].as_array().unwrap().iter().map(|i| i[field].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+both_backends!(
+    retention_prunes_old_messages_and_finished_commands,
+    retention_prunes_old_messages_and_finished_commands
+);
+async fn retention_prunes_old_messages_and_finished_commands(db: Db) {
+    let hub = TestHub::start_with(db, |c| {
+        c.retention.messages_days = 30;
+        c.retention.commands_days = 30;
+        c.retention.sweep_secs = 1;
+    })
+    .await;
+    hub.create_product("p").await;
+    hub.register("p", "d").await;
+    let now = iothub::clock::now_ms();
+    publish_at(&hub, "m-old", now - 40 * DAY_MS).await;
+    publish_at(&hub, "m-edge", now - 29 * DAY_MS).await;
+    publish_at(&hub, "m-new", now).await;
+
+    // Four commands to the offline device: all queued (open); two are then finished and two made old.
+    let mut created = Vec::new();
+    for name in ["old_done", "old_open", "new_done", "new_open"] {
+        let (s, v) = hub.call(Method::POST, "/api/v1/products/p/devices/d/commands", Some(json!({"name": name}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        created.push((name, v["request_id"].as_str().unwrap().to_string()));
+    }
+    let id = |name: &str| created.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    for name in ["old_done", "new_done"] {
+        execute(
+            &hub,
+            &format!("UPDATE device_commands SET state = 'expired', expired_at = 1 WHERE request_id = '{}'", id(name)),
+        )
+        .await;
+    }
+    for name in ["old_done", "old_open"] {
+        execute(
+            &hub,
+            &format!("UPDATE device_commands SET created_at = {} WHERE request_id = '{}'", now - 40 * DAY_MS, id(name)),
+        )
+        .await;
+    }
+
+    let left = eventually(Duration::from_secs(15), "old rows pruned", || async {
+        let messages = ids(&hub, "/api/v1/products/p/devices/d/messages?limit=100", "message_id").await;
+        let commands = ids(&hub, "/api/v1/products/p/devices/d/commands?limit=100", "request_id").await;
+        (messages.len() == 2 && commands.len() == 3).then_some((messages, commands))
+    })
+    .await;
+    assert_eq!(left.0, ["m-edge", "m-new"], "only the message past 30 days goes");
+    let mut kept = vec![id("old_open"), id("new_done"), id("new_open")];
+    kept.sort();
+    assert_eq!(left.1, kept, "an open command stays whatever its age");
+
+    let text = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap().text().await.unwrap();
+    let deleted = |kind: &str| {
+        text.lines()
+            .find(|l| l.starts_with("iothub_retention_deleted_total") && l.contains(&format!("kind=\"{kind}\"")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    // One recorder per test process (other tests' rounds add to it): at least this test's deletions.
+    assert!(deleted("messages") >= Some(1.0) && deleted("commands") >= Some(1.0), "{text}");
+    hub.stop().await;
+}
