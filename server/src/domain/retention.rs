@@ -60,38 +60,41 @@ async fn run(store: Weak<dyn Store>, commands: Weak<dyn CommandStore>, settings:
 
 /// One round: everything past its age, batch after batch, until a batch comes back short.
 #[tracing::instrument(skip_all, name = "retention.prune")]
-pub async fn prune(
+async fn prune(
     store: &dyn Store,
     commands: &dyn CommandStore,
     settings: &RetentionSettings,
     now: i64,
 ) -> Result<(u64, u64)> {
-    let mut messages = 0;
-    if let Some(age) = settings.messages_ms {
-        loop {
-            let n = store.prune_messages(now - age, BATCH).await?;
-            messages += n;
-            metrics::counter!("iothub_retention_deleted_total", "kind" => "messages").increment(n);
-            if n < u64::from(BATCH) {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    }
-    let mut finished = 0;
-    if let Some(age) = settings.commands_ms {
-        loop {
-            let n = commands.prune_commands(now - age, BATCH).await?;
-            finished += n;
-            metrics::counter!("iothub_retention_deleted_total", "kind" => "commands").increment(n);
-            if n < u64::from(BATCH) {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    }
+    let messages = match settings.messages_ms {
+        Some(age) => drain("messages", || store.prune_messages(now - age, BATCH)).await?,
+        None => 0,
+    };
+    let finished = match settings.commands_ms {
+        Some(age) => drain("commands", || commands.prune_commands(now - age, BATCH)).await?,
+        None => 0,
+    };
     if messages + finished > 0 {
         tracing::info!(messages, commands = finished, "retention pruned old rows");
     }
     Ok((messages, finished))
+}
+
+/// Runs `batch` until it deletes fewer than [`BATCH`] rows; returns the total.
+async fn drain<F, Fut>(kind: &'static str, mut batch: F) -> Result<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let mut total = 0;
+    loop {
+        let n = batch().await?;
+        total += n;
+        metrics::counter!("iothub_retention_deleted_total", "kind" => kind).increment(n);
+        if n < u64::from(BATCH) {
+            return Ok(total);
+        }
+        // Other work (ingest groups) gets its turn between batches.
+        tokio::task::yield_now().await;
+    }
 }
