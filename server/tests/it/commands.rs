@@ -201,21 +201,8 @@ async fn commands_round_trip_through_the_broker() {
     // NTP through EMQX 5's contract: the request comes as EMQX 5's rule would post it, iothub answers through
     // the real broker API. (Over the bundled broker the same round trip is `sdk::sdk_devices_follow_time_tags_
     // shadow_and_ota`.)
-    let ntp_request = json!({
-        "event": "message.publish", "id": "0006", "clientid": "d1-main", "username": "p1/d1",
-        "payload": B64.encode(r#"{"device_time":1234567}"#), "peerhost": "127.0.0.1", "topic": "get/p1/d1/$ntp/n1",
-        "qos": 1, "flags": {"retain": false, "dup": false}, "publish_received_at": iothub::clock::now_ms(),
-        "timestamp": iothub::clock::now_ms(), "node": "emqx@127.0.0.1",
-    });
-    let r = hub
-        .http
-        .post(format!("{}/broker/emqx5/events", hub.base))
-        .bearer_auth(&hub.state.hook_token)
-        .json(&ntp_request)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let now = iothub::clock::now_ms();
+    emqx5_publish_at(&hub, "d1-main", "p1/d1", "get/p1/d1/$ntp/n1", br#"{"device_time":1234567}"#, now).await;
     eventually(Duration::from_secs(10), "$set_ntp published", || async {
         let m = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap().text().await.unwrap();
         m.lines().any(|l| l.starts_with("iothub_internal_commands_total{name=\"$set_ntp\"} 1")).then_some(())
@@ -471,21 +458,7 @@ async fn tag_commands_track_each_device() {
 /// Posts one EMQX 5 `message.publish` event to iothub, as EMQX's rule would: the reference protocol's `$`
 /// topics tested through EMQX 5's contract (the SDK tests carry them over the bundled broker).
 async fn emqx5_publish(hub: &TestHub, username: &str, topic: &str, payload: &[u8]) {
-    let now = iothub::clock::now_ms();
-    let event = json!({
-        "event": "message.publish", "id": format!("{now:x}"), "clientid": username, "username": username,
-        "payload": B64.encode(payload), "peerhost": "127.0.0.1", "topic": topic, "qos": 1,
-        "flags": {"retain": false, "dup": false}, "publish_received_at": now, "timestamp": now, "node": "emqx@127.0.0.1",
-    });
-    let r = hub
-        .http
-        .post(format!("{}/broker/emqx5/events", hub.base))
-        .bearer_auth(&hub.state.hook_token)
-        .json(&event)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    emqx5_publish_at(hub, username, username, topic, payload, iothub::clock::now_ms()).await;
 }
 
 /// Shadow: optimistic locking (exactly one of concurrent writers of a version wins), device reports and

@@ -297,6 +297,27 @@ pub async fn wait_for(
     }
 }
 
+/// Posts one EMQX 5 `message.publish` event to iothub, as EMQX's rule would, received by the broker at
+/// `at` (Unix ms); expects the 204 of a durably handled event.
+pub async fn emqx5_publish_at(hub: &TestHub, client_id: &str, username: &str, topic: &str, payload: &[u8], at: i64) {
+    use base64::Engine as _;
+    let event = json!({
+        "event": "message.publish", "id": format!("{at:x}"), "clientid": client_id, "username": username,
+        "payload": base64::engine::general_purpose::STANDARD.encode(payload), "peerhost": "127.0.0.1",
+        "topic": topic, "qos": 1, "flags": {"retain": false, "dup": false}, "publish_received_at": at,
+        "timestamp": at, "node": "emqx@127.0.0.1",
+    });
+    let r = hub
+        .http
+        .post(format!("{}/broker/emqx5/events", hub.base))
+        .bearer_auth(&hub.state.hook_token)
+        .json(&event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").expect("TEST_REDIS_URL is not set: run the suite with scripts/test.sh")
 }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sqlx::Connection;
@@ -27,21 +26,7 @@ async fn execute(hub: &TestHub, sql: &str) {
 
 /// A message as EMQX 5 reports it, received by the broker at `at`.
 async fn publish_at(hub: &TestHub, message_id: &str, at: i64) {
-    let event = json!({
-        "event": "message.publish", "id": message_id, "clientid": "d", "username": "p/d",
-        "payload": base64::engine::general_purpose::STANDARD.encode(b"{\"t\":1}"), "peerhost": "127.0.0.1",
-        "topic": format!("upload_data/p/d/t/{message_id}"), "qos": 1, "flags": {"retain": false, "dup": false},
-        "publish_received_at": at, "timestamp": at, "node": "emqx@127.0.0.1",
-    });
-    let r = hub
-        .http
-        .post(format!("{}/broker/emqx5/events", hub.base))
-        .bearer_auth(&hub.state.hook_token)
-        .json(&event)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    emqx5_publish_at(hub, "d", "p/d", &format!("upload_data/p/d/t/{message_id}"), b"{\"t\":1}", at).await;
 }
 
 async fn ids(hub: &TestHub, path: &str, field: &str) -> Vec<String> {
