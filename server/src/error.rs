@@ -88,27 +88,29 @@ impl Error {
     }
 }
 
+/// SQLSTATEs (five characters; SQLite's numeric codes never are) worth repeating later: connection
+/// exceptions (08), insufficient resources (53), operator intervention (57: restart, failover) except a
+/// statement timeout (57014, which would time out again), serialization failures and deadlocks.
+fn retryable_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && (code.starts_with("08")
+            || code.starts_with("53")
+            || (code.starts_with("57") && code != "57014")
+            || code == "40001"
+            || code == "40P01")
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Error::Unavailable(format!("database unavailable: {e}"))
             }
-            // The server going away or refusing work (SQLSTATE classes 08 connection exception, 53
-            // insufficient resources, 57 operator intervention: restart, failover, too many connections) and
-            // lost races the client should simply repeat (40001, 40P01): a retryable 503, not a 500.
-            sqlx::Error::Database(db)
-                if db.code().is_some_and(|c| {
-                    // SQLSTATEs have five characters; SQLite's numeric codes never do.
-                    c.len() == 5
-                        && (c.starts_with("08")
-                            || c.starts_with("53")
-                            || c.starts_with("57")
-                            || c == "40001"
-                            || c == "40P01")
-                }) =>
-            {
-                Error::Unavailable(format!("database unavailable: {e}"))
+            // The server going away or refusing work, or a lost race: a retryable 503, not a 500.
+            sqlx::Error::Database(db) if db.code().as_deref().is_some_and(retryable_sqlstate) => {
+                // The server's text may name roles or databases: it goes to the log, not to the client.
+                tracing::warn!(error = %e, "database refused the statement");
+                Error::Unavailable(format!("database unavailable (SQLSTATE {})", db.code().unwrap_or_default()))
             }
             _ => Error::Internal(anyhow::Error::new(e).context("database")),
         }
@@ -210,7 +212,7 @@ mod tests {
             assert_eq!(status_of(code), 503, "{code}");
         }
         // unique_violation is a bug if it reaches here; SQLite's numeric I/O error code is not a SQLSTATE.
-        for code in ["23505", "5386", "42P01"] {
+        for code in ["23505", "5386", "42P01", "57014"] {
             assert_eq!(status_of(code), 500, "{code}");
         }
     }

@@ -219,7 +219,8 @@ fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>, std::collec
 /// keys, in one order. Each written row comes back with its outbox id; each command its device refused
 /// comes back as `refused_ord` (1-based) with the device's `status` and `online` as this statement saw
 /// them, so the reason is decided from the same snapshot as the refusal (a later look could find the
-/// device changed and no reason at all). A command in neither set hit an existing key.
+/// device changed and no reason at all) — unless its key already names a command: a retry gets that
+/// command back whatever the device's state now, as on SQLite. A command in neither set hit an existing key.
 static PG_INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
     let nulls = COLUMNS.split(", ").map(|_| "NULL").collect::<Vec<_>>().join(", ");
     format!(
@@ -256,7 +257,10 @@ static PG_INSERT_MANY: LazyLock<String> = LazyLock::new(|| {
          UNION ALL
          SELECT {nulls}, NULL, i.ord, d.status, d.online
          FROM i LEFT JOIN devices d ON d.product_id = i.product_id AND d.device_id = i.device_id
-         WHERE d.status IS DISTINCT FROM 'active' OR (i.require_online AND NOT d.online)",
+         WHERE (d.status IS DISTINCT FROM 'active' OR (i.require_online AND NOT d.online))
+           AND NOT EXISTS (SELECT 1 FROM device_commands c
+                           WHERE c.product_id = i.product_id AND c.device_id = i.device_id
+                             AND c.idempotency_key = i.idempotency_key)",
         qualified("ins")
     )
 });
@@ -583,12 +587,16 @@ impl CommandStore for PgStore {
     #[tracing::instrument(skip(self), name = "pg.prune_commands")]
     async fn prune_commands(&self, before: i64, limit: u32) -> Result<u64> {
         let done = sqlx::query(
-            // By row address, as for messages. A finished command updated meanwhile has moved: the delete
-            // re-checks the moved row against the addresses, skips it, and the next round takes it.
+            // By row address, as for messages. A row updated meanwhile may be met in its new version (the
+            // address is not rechecked then), so the conditions are repeated where they are.
             "DELETE FROM device_commands
              WHERE ctid = ANY(ARRAY(SELECT ctid FROM device_commands
-                                    WHERE created_at < $1 AND state IN ('replied', 'expired', 'failed') LIMIT $2))",
+                                    WHERE created_at < $1 AND state IN ('replied', 'expired', 'failed') LIMIT $2))
+               AND created_at < $1 AND state IN ('replied', 'expired', 'failed')",
         )
+        // Planned with the actual cutoff every time: a cached generic plan guesses a third of the table
+        // matches and prefers a sequential scan, which reads the whole table once nothing is old.
+        .persistent(false)
         .bind(before)
         .bind(limit as i64)
         .execute(self.pool())

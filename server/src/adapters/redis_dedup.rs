@@ -21,7 +21,8 @@ pub struct RedisDedup {
 
 /// The connection both Redis adapters use. A refused or timed-out connect is retried once, briefly, per
 /// request: every ingest group asks Redis, and while Redis is away each should fall back to the degraded
-/// path within a second, not sit through the crate's default six retries with exponential backoff.
+/// path at once when it refuses, within about two seconds when it does not answer — not sit through the
+/// crate's default six retries with exponential backoff.
 pub(crate) fn connection_config() -> redis::aio::ConnectionManagerConfig {
     redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))

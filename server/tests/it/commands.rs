@@ -841,3 +841,32 @@ async fn device_changing_under_a_burst_fails_no_group(db: Db) {
     }
     hub.stop().await;
 }
+
+both_backends!(keyed_retry_to_a_suspended_device_gets_its_command, keyed_retry_to_a_suspended_device_gets_its_command);
+/// A client repeating a request with its Idempotency-Key gets the command that request created, even when
+/// the device was suspended in between; a new command (another key) to the suspended device is refused.
+async fn keyed_retry_to_a_suspended_device_gets_its_command(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("p").await;
+    hub.register("p", "d").await;
+    let post = |key: &'static str| {
+        hub.request(Method::POST, "/api/v1/products/p/devices/d/commands")
+            .header("Idempotency-Key", key)
+            .json(&json!({"name": "reboot", "ttl_secs": 600}))
+            .send()
+    };
+    let first = post("k1").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    let (s, v) = hub.call(Method::POST, "/api/v1/products/p/devices/d/suspend", None).await;
+    assert!(s.is_success(), "{v}");
+    let again = post("k1").await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["request_id"], first["request_id"], "{again}");
+    let other = post("k2").await.unwrap();
+    assert_eq!(other.status(), StatusCode::CONFLICT);
+    let other: Value = other.json().await.unwrap();
+    assert!(other["detail"].as_str().unwrap_or_default().contains("suspended"), "{other}");
+    hub.stop().await;
+}
