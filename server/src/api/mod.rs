@@ -98,7 +98,8 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/api-keys/{key_id}", delete(api_keys::revoke))
-        .route("/tokens", post(tokens::issue));
+        .route("/tokens", post(tokens::issue))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, request_timeout));
 
     let broker = Router::new()
         .route("/emqx5/authn", post(broker_hooks::emqx5_authn))
@@ -112,7 +113,10 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/emqx5/events", post(broker_events::emqx5_events))
         .route("/emqx4/webhook", post(broker_events::emqx4_webhook))
         .route("/rmqtt/webhook", post(broker_events::rmqtt_webhook))
-        .route_layer(middleware::from_fn_with_state(state.clone(), broker_hooks::require_hook_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), broker_hooks::require_hook_token))
+        // A hook that ran out of time was not durably handled: the broker must send it again, and EMQX 5
+        // retries 503 but drops an event answered 408 (replays are harmless: events are idempotent).
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, request_timeout));
 
     Router::new()
         .nest("/api/v1", api)
@@ -124,7 +128,6 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .method_not_allowed_fallback(extract::method_not_allowed)
         .layer(middleware::from_fn(track_metrics))
         .layer(TraceLayer::new_for_http())
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(RequestBodyLimitLayer::new(body_limit))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(CatchPanicLayer::new())

@@ -220,3 +220,28 @@ async fn pruning_never_resurrects_a_superseded_session(db: Db) {
     hub.stop().await;
 }
 both_backends!(superseded_sessions_are_pruned, pruning_never_resurrects_a_superseded_session);
+
+/// A webhook that runs out of time (here: its device row locked by another session for longer than
+/// `http.request_timeout_secs`) is answered 503, which EMQX 5 retries — not 408, which it drops — and the
+/// repeated event applies once the database lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_out_of_time_is_retryable() {
+    use sqlx::Connection;
+    let hub = TestHub::start_with(Db::Postgres, |c| c.http.request_timeout_secs = 1).await;
+    hub.create_product("fixture").await;
+    hub.register("fixture", "dev1").await;
+    let mut blocker = sqlx::PgConnection::connect(&hub.config.database.url).await.unwrap();
+    blocker.execute("BEGIN").await.unwrap();
+    blocker
+        .execute("SELECT 1 FROM devices WHERE product_id = 'fixture' AND device_id = 'dev1' FOR UPDATE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, _) = post(&hub, "emqx5/events", fixture("emqx5/client.connected")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "after {:?}", started.elapsed());
+    blocker.execute("ROLLBACK").await.unwrap();
+    let (status, _) = post(&hub, "emqx5/events", fixture("emqx5/client.connected")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(device(&hub).await["online"], true);
+    hub.stop().await;
+}
