@@ -54,3 +54,4 @@ mkdir -p bench-results
   ./target/release/iothub-bench-commands --base-url "http://127.0.0.1:$port" --admin-key "$(cat "$work/admin-api-key")" \
     --mqtt "$mqtt" "$@"
 } | tee bench-results/commands.md
+pg_stats_dump bench-results/commands-pg-statements.txt

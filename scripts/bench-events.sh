@@ -56,3 +56,4 @@ mkdir -p bench-results
   ./target/release/iothub-bench-events --base-url "http://127.0.0.1:$port" --admin-key "$(cat "$work/admin-api-key")" \
     --hook-token bench-hook-token --database-url "$PG_URL" --amqp-url "$AMQP_URL" --iothub-pid "$hub_pid" "$@"
 } | tee bench-results/events.md
+pg_stats_dump bench-results/events-pg-statements.txt

@@ -111,7 +111,7 @@ pub(crate) fn conflict_or(e: sqlx::Error, what: impl FnOnce() -> String) -> Erro
 
 /// Presence SQL, written with `$n` placeholders (SQLite gets `?n`). SQLite runs these statement by statement;
 /// PostgreSQL runs the same rules for a whole group in one call of `iothub_apply_presence`
-/// (migrations/postgres/0003_presence_function.sql). The presence property tests hold both to one truth.
+/// (migrations/postgres/0009_presence_per_device.sql). The presence property tests hold both to one truth.
 ///
 /// A session's connect and disconnect merge into one row keyed by `session_key`, so the two events commute
 /// and replays change nothing (`RETURNING` yields a row only when something changed). A row always converges

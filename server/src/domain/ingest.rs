@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::adapters::storable_json;
 use crate::clock::now_ms;
@@ -74,6 +74,20 @@ pub enum BrokerEvent {
         at: i64,
         reason: Option<String>,
     },
+}
+
+impl BrokerEvent {
+    /// The client the event is about: its username (the device's broker identity), else its client id.
+    /// Ingest shards by it, so one device's events always meet in the same worker.
+    fn owner(&self) -> &str {
+        let (username, client_id) = match self {
+            BrokerEvent::Connected { username, client_id, .. }
+            | BrokerEvent::Disconnected { username, client_id, .. }
+            | BrokerEvent::Publish { username, client_id, .. } => (username, Some(client_id)),
+            BrokerEvent::Delivery { username, client_id, .. } => (username, client_id.as_ref()),
+        };
+        username.as_deref().or(client_id.map(String::as_str)).unwrap_or("")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,9 +353,15 @@ struct Job {
 }
 
 /// Entry point of the broker-event pipeline. Cheap to clone.
+///
+/// Each worker owns a share of the devices (by a hash of the event's username): a device's connects,
+/// disconnects, reports and delivery reports always queue for the same worker. Groups of two workers
+/// then never wait on each other's row locks for one device (a connect and its disconnect sent at
+/// once used to land in two concurrent groups, and the second waited for the first's commit), and one
+/// device's events are applied in arrival order.
 #[derive(Clone)]
 pub struct IngestService {
-    tx: mpsc::Sender<Job>,
+    shards: Arc<[mpsc::Sender<Job>]>,
     commands: CommandService,
 }
 
@@ -351,7 +371,7 @@ struct Worker {
     relay: RelayHandle,
     control: DeviceControl,
     settings: Arc<IngestSettings>,
-    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    rx: mpsc::Receiver<Job>,
 }
 
 impl IngestService {
@@ -362,22 +382,32 @@ impl IngestService {
         control: DeviceControl,
         settings: IngestSettings,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(settings.batch_max * 4);
-        let rx = Arc::new(Mutex::new(rx));
         let settings = Arc::new(settings);
         let commands = control.commands.clone();
-        for _ in 0..settings.workers {
+        let mut shards = Vec::with_capacity(settings.workers.max(1));
+        for _ in 0..settings.workers.max(1) {
+            let (tx, rx) = mpsc::channel(settings.batch_max * 4);
             let worker = Worker {
                 store: store.clone(),
                 dedup: dedup.clone(),
                 relay: relay.clone(),
                 control: control.clone(),
                 settings: settings.clone(),
-                rx: rx.clone(),
+                rx,
             };
             tokio::spawn(worker.run());
+            shards.push(tx);
         }
-        Self { tx, commands }
+        Self { shards: shards.into(), commands }
+    }
+
+    /// The worker for a webhook's events: by its first event's owner (a webhook carries one event, or a
+    /// broker's batch, which may span devices: those still lock in one global order, they may just wait).
+    fn shard_for(&self, events: &[BrokerEvent]) -> &mpsc::Sender<Job> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let owner = events.first().map_or("", BrokerEvent::owner);
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(owner);
+        &self.shards[(hash % self.shards.len() as u64) as usize]
     }
 
     /// Applies the events; returns once they are durably stored (or failed as a whole).
@@ -394,21 +424,21 @@ impl IngestService {
             }
         }
         let (done, wait) = oneshot::channel();
-        self.tx.send(Job { events, done }).await.map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let shard = self.shard_for(&events);
+        shard.send(Job { events, done }).await.map_err(|_| Error::Unavailable("shutting down".into()))?;
         wait.await.map_err(|_| Error::Unavailable("event worker stopped".into()))?.map_err(Error::Unavailable)
     }
 }
 
 impl Worker {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
             let jobs = {
-                let mut rx = self.rx.lock().await;
-                let Some(first) = rx.recv().await else { break };
+                let Some(first) = self.rx.recv().await else { break };
                 let mut count = first.events.len();
                 let mut jobs = vec![first];
                 while count < self.settings.batch_max {
-                    match rx.try_recv() {
+                    match self.rx.try_recv() {
                         Ok(job) => {
                             count += job.events.len();
                             jobs.push(job);

@@ -122,41 +122,72 @@ fn scenario() -> impl Strategy<Value = (Vec<Session>, Vec<usize>, Vec<usize>)> {
     })
 }
 
+/// Applies the history's shuffled stream to two devices at once, their changes interleaved inside every
+/// batch (a store may group a batch's changes by device: neither twin may see the other's), and returns
+/// the `online` flag of each twin's last connection event.
 async fn check_case(
     store: &Arc<dyn Store>,
-    device: DeviceRef,
+    twins: [DeviceRef; 2],
     sessions: &[Session],
     order: &[usize],
     cuts: &[usize],
     style: Style,
 ) -> Result<(), TestCaseError> {
-    store
-        .insert_devices(
-            &device.product,
-            &[NewDevice { device: device.device.clone(), secret: iothub::secrets::new_device_secret().1 }],
-            0,
-        )
-        .await
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let all = changes(&device, sessions, style);
-    let mut stream: Vec<PresenceChange> = order.iter().map(|&i| all[i].clone()).collect();
-    let mut cut = cuts.iter().cycle();
-    while !stream.is_empty() {
-        let n = (*cut.next().unwrap()).min(stream.len());
-        let presence: Vec<_> = stream.drain(..n).collect();
-        let batch = IngestBatch { presence, ..Default::default() };
-        store.ingest(&batch, iothub::clock::now_ms(), 30_000).await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut streams = Vec::new();
+    for device in &twins {
+        store
+            .insert_devices(
+                &device.product,
+                &[NewDevice { device: device.device.clone(), secret: iothub::secrets::new_device_secret().1 }],
+                0,
+            )
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let all = changes(device, sessions, style);
+        streams.push(order.iter().map(|&i| all[i].clone()).collect::<Vec<PresenceChange>>());
     }
+    let mut last_event_online: [Option<bool>; 2] = [None, None];
+    let mut cut = cuts.iter().cycle();
+    while !streams[0].is_empty() {
+        let n = (*cut.next().unwrap()).min(streams[0].len());
+        let (a, b): (Vec<_>, Vec<_>) = (streams[0].drain(..n).collect(), streams[1].drain(..n).collect());
+        let presence: Vec<_> = a.into_iter().zip(b).flat_map(|(x, y)| [x, y]).collect();
+        let batch = IngestBatch { presence, ..Default::default() };
+        let outcome = store
+            .ingest(&batch, iothub::clock::now_ms(), 30_000)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for record in &outcome.outbox {
+            let event: serde_json::Value = serde_json::from_slice(&record.event.body).unwrap();
+            let twin = twins.iter().position(|d| event["device_id"] == d.device.as_str()).unwrap();
+            last_event_online[twin] = event["online"].as_bool();
+        }
+    }
+    for (device, event_online) in twins.iter().zip(last_event_online) {
+        check_device(store, device, sessions, style, event_online).await?;
+    }
+    Ok(())
+}
 
+async fn check_device(
+    store: &Arc<dyn Store>,
+    device: &DeviceRef,
+    sessions: &[Session],
+    style: Style,
+    last_event_online: Option<bool>,
+) -> Result<(), TestCaseError> {
     let mut expected_online = false;
     for client in sessions.iter().map(|s| s.client).collect::<BTreeSet<_>>() {
         let last = sessions.iter().filter(|s| s.client == client).max_by_key(|s| s.connected_at).unwrap();
         expected_online |= last.disconnected_at.is_none();
     }
-    let record = store.get_device(&device).await.unwrap().unwrap();
+    let record = store.get_device(device).await.unwrap().unwrap();
     prop_assert_eq!(record.online, expected_online, "online flag");
+    // The first delivery of every change is applied, so each device has events; the last one applied
+    // reports the final state.
+    prop_assert_eq!(last_event_online, Some(expected_online), "online in the last connection event");
     let stored: BTreeSet<(String, Option<i64>, Option<i64>)> = store
-        .list_connections(&device, 1000)
+        .list_connections(device, 1000)
         .await
         .unwrap()
         .into_iter()
@@ -189,8 +220,8 @@ async fn run_property(store: Arc<dyn Store>, cases: u32) {
         let result = tokio::task::block_in_place(|| {
             runner.run(&scenario(), |(sessions, order, cuts)| {
                 let n = counter.fetch_add(1, Ordering::Relaxed);
-                let device = DeviceRef::new(product.clone(), DeviceId::parse(format!("d{n}")).unwrap());
-                handle.block_on(check_case(&store, device, &sessions, &order, &cuts, style))
+                let twin = |t: &str| DeviceRef::new(product.clone(), DeviceId::parse(format!("d{n}{t}")).unwrap());
+                handle.block_on(check_case(&store, [twin("a"), twin("b")], &sessions, &order, &cuts, style))
             })
         });
         if let Err(e) = result {
