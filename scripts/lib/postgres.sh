@@ -17,7 +17,7 @@ run_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@";
 [ "$(id -u)" -eq 0 ] && chown postgres "$pg_dir"
 run_pg "$pg_bin/initdb" -D "$pg_dir/data" -U postgres -A trust >/dev/null
 pg_opts="-h 127.0.0.1 -p $pg_port -k $pg_dir -c max_connections=300 -c shared_buffers=512MB ${PG_EXTRA_OPTS:-}"
-[ "${PG_STATS:-0}" = "1" ] && pg_opts="$pg_opts -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=off"
+[ "${PG_STATS:-0}" = "1" ] && pg_opts="$pg_opts -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=off -c pg_stat_statements.track_planning=on"
 if [ "${PG_FAST:-1}" = "1" ]; then
   pg_opts="$pg_opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 fi
@@ -33,7 +33,8 @@ fi
 pg_stats_dump() {
   [ "${PG_STATS:-0}" = "1" ] || return 0
   run_pg "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -q -P pager=off -c "
-    SELECT round(total_exec_time::numeric, 0) AS total_ms, calls, round(mean_exec_time::numeric, 3) AS mean_ms, rows,
+    SELECT round(total_exec_time::numeric, 0) AS total_ms, calls, round(mean_exec_time::numeric, 3) AS mean_ms,
+           round(mean_plan_time::numeric, 3) AS plan_ms, rows,
            round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1) AS pct,
            left(regexp_replace(query, '\s+', ' ', 'g'), 160) AS statement
     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > "$1"
