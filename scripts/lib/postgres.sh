@@ -34,7 +34,7 @@ pg_stats_dump() {
   [ "${PG_STATS:-0}" = "1" ] || return 0
   run_pg "$pg_bin/psql" -h 127.0.0.1 -p "$pg_port" -U postgres -q -P pager=off -c "
     SELECT round(total_exec_time::numeric, 0) AS total_ms, calls, round(mean_exec_time::numeric, 3) AS mean_ms,
-           round(mean_plan_time::numeric, 3) AS plan_ms, rows,
+           plans, round(mean_plan_time::numeric, 3) AS plan_ms, rows,
            round((100 * total_exec_time / sum(total_exec_time) OVER ())::numeric, 1) AS pct,
            left(regexp_replace(query, '\s+', ' ', 'g'), 160) AS statement
     FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 25" > "$1"
