@@ -171,6 +171,8 @@ pub struct EventsConfig {
     pub outbox_lease_ms: u64,
     /// How often the outbox is swept for events that could not be published at once (ms).
     pub outbox_sweep_ms: u64,
+    /// How long the relay gathers events before a publish round (ms; 0 = publish each hand-off at once).
+    pub publish_linger_ms: u64,
     /// Events buffered per Server-Sent Events subscriber of the in-process stream.
     pub stream_buffer: usize,
 }
@@ -227,6 +229,7 @@ impl Default for EventsConfig {
             workers: 2,
             outbox_lease_ms: 30_000,
             outbox_sweep_ms: 1_000,
+            publish_linger_ms: 5,
             stream_buffer: 4_096,
         }
     }
@@ -398,6 +401,7 @@ impl Config {
         anyhow::ensure!(self.events.dedup_window_secs >= 1, "events.dedup_window_secs must be at least 1");
         anyhow::ensure!(self.events.outbox_lease_ms >= 100, "events.outbox_lease_ms must be at least 100");
         anyhow::ensure!(self.events.outbox_sweep_ms >= 10, "events.outbox_sweep_ms must be at least 10");
+        anyhow::ensure!(self.events.publish_linger_ms <= 1_000, "events.publish_linger_ms must be at most 1000");
         anyhow::ensure!(
             self.retention.messages_days <= 36_500 && self.retention.commands_days <= 36_500,
             "retention.messages_days and retention.commands_days must be at most 36500"

@@ -239,7 +239,11 @@ impl Application {
         let relay = relay::start(
             store.clone(),
             bus.clone(),
-            RelaySettings { lease_ms, sweep_every: Duration::from_millis(config.events.outbox_sweep_ms) },
+            RelaySettings {
+                lease_ms,
+                sweep_every: Duration::from_millis(config.events.outbox_sweep_ms),
+                linger: Duration::from_millis(config.events.publish_linger_ms),
+            },
         );
         let replies: Arc<dyn ReplyHub> = if config.redis.url.is_empty() {
             Arc::new(MemoryReplies::default())
