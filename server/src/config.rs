@@ -402,6 +402,11 @@ impl Config {
         anyhow::ensure!(self.events.outbox_lease_ms >= 100, "events.outbox_lease_ms must be at least 100");
         anyhow::ensure!(self.events.outbox_sweep_ms >= 10, "events.outbox_sweep_ms must be at least 10");
         anyhow::ensure!(self.events.publish_linger_ms <= 1_000, "events.publish_linger_ms must be at most 1000");
+        // Hand-offs older than half their lease are left to the sweep; gathering must end well before that.
+        anyhow::ensure!(
+            self.events.publish_linger_ms * 4 <= self.events.outbox_lease_ms,
+            "events.publish_linger_ms must be at most a quarter of events.outbox_lease_ms"
+        );
         anyhow::ensure!(
             self.retention.messages_days <= 36_500 && self.retention.commands_days <= 36_500,
             "retention.messages_days and retention.commands_days must be at most 36500"
@@ -446,6 +451,17 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_linger_must_end_well_inside_the_outbox_lease() {
+        let mut config = Config::default();
+        config.events.outbox_lease_ms = 100;
+        config.events.publish_linger_ms = 25;
+        assert!(config.validate().is_ok());
+        config.events.publish_linger_ms = 26;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("events.publish_linger_ms"), "{error}");
+    }
 
     #[test]
     fn documented_keys_match_defaults() {

@@ -682,7 +682,8 @@ impl PgStore {
         }
         // One round trip for all of the group's changes (migrations/postgres/0009_presence_per_device.sql),
         // ordered by device (stable: a device's changes keep their order) so the function writes each
-        // device's row once; their events still go out in arrival order.
+        // device's row once. Ingest hands them over sorted already; the store does not rely on it, and
+        // their events go out in the order the changes were given.
         let mut changes: Vec<(usize, &PresenceChange)> =
             batch.presence.iter().filter(|c| is_present(c.device())).enumerate().collect();
         changes.sort_by(|a, b| {
