@@ -84,8 +84,9 @@ impl Relay {
                     let mut records = Vec::new();
                     let mut next = Some(first);
                     let gather_until = tokio::time::Instant::now() + self.settings.linger;
+                    let mut taken = 0;
                     while let Some((handed_at, more)) = next.take() {
-                        metrics::gauge!("iothub_relay_queued_events").decrement(more.len() as f64);
+                        taken += more.len();
                         // When the bus is slower than ingest, hand-offs wait here; once half their lease
                         // is gone the sweep (of any instance) will publish them, so publishing them from
                         // here too would only duplicate them.
@@ -99,6 +100,8 @@ impl Relay {
                             };
                         }
                     }
+                    // Taken up once gathering ends: events waiting out the linger still count as queued.
+                    metrics::gauge!("iothub_relay_queued_events").decrement(taken as f64);
                     if records.is_empty() {
                         continue;
                     }
