@@ -212,6 +212,17 @@ impl TestHub {
         (status, body, failed)
     }
 
+    /// Asserts `/readyz` answers 200 `degraded` with exactly `check` failing; returns the body.
+    pub async fn assert_degraded_by(&self, check: &str) -> Value {
+        let (status, body, failed) = self.readiness().await;
+        assert_eq!(
+            (status, body["status"].as_str(), failed),
+            (StatusCode::OK, Some("degraded"), vec![check.to_string()]),
+            "{body}"
+        );
+        body
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
