@@ -2,7 +2,8 @@
 # Device-control benchmark: starts private PostgreSQL (fsync on), Redis and RabbitMQ on loopback and a release
 # iothub in the production profile with its bundled RMQTT as the broker, then runs iothub-bench-commands:
 # commands accepted+published per second (delivered to rumqttc devices), the broker's round trip, and RPC
-# latency over it. Writes bench-results/commands.md. Usage: scripts/bench-commands.sh [--commands N] ...
+# latency over it; then the floor: the same commands' work done the cheapest way without iothub, on the same
+# services (see bench/src/bin/commands.rs). Writes bench-results/commands.md. Usage: scripts/bench-commands.sh [--commands N] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib/build-deps.sh
@@ -52,6 +53,6 @@ mkdir -p bench-results
   echo "iothub with its bundled RMQTT, and the load generator with its devices all on this machine."
   echo
   ./target/release/iothub-bench-commands --base-url "http://127.0.0.1:$port" --admin-key "$(cat "$work/admin-api-key")" \
-    --mqtt "$mqtt" "$@"
+    --mqtt "$mqtt" --database-url "$PG_URL" --amqp-url "$AMQP_URL" "$@"
 } | tee bench-results/commands.md
 pg_stats_dump bench-results/commands-pg-statements.txt

@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use base64::Engine;
 use clap::Parser;
-use futures::StreamExt;
 use hdrhistogram::Histogram;
+use iothub_bench::{counting_consumer, cpu_report, cpu_snapshot, drop_queue, now_ms, wait_count, Components};
 use lapin::options::*;
-use lapin::types::FieldTable;
 use serde_json::{json, Value};
 use sqlx::Executor;
 
@@ -84,50 +83,14 @@ fn payload(i: usize) -> String {
     )
 }
 
-/// CPU seconds (user+system) of every process whose command name matches one of `names`.
-fn cpu_seconds(names: &[&str]) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let comm = &stat[open + 1..close];
-        let matches = |n: &&str| match n.strip_suffix('*') {
-            Some(prefix) => comm.starts_with(prefix),
-            None => comm == *n,
-        };
-        if !names.iter().any(matches) {
-            continue;
-        }
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        total += (utime + stime) / tick;
-    }
-    total
-}
-
 /// Process names per component (`*` = prefix; Linux truncates names to 15 characters).
-const COMPONENTS: [(&str, &[&str]); 5] = [
+const COMPONENTS: Components = &[
     ("iothub", &["iothub"]),
     ("PostgreSQL", &["postgres*"]),
     ("Redis", &["redis-server*"]),
     ("RabbitMQ", &["beam.smp", "erl_child_setup", "epmd"]),
     ("generator", &["iothub-bench-ev"]),
 ];
-
-fn cpu_snapshot() -> Vec<f64> {
-    COMPONENTS.iter().map(|(_, names)| cpu_seconds(names)).collect()
-}
-
-fn cpu_report(before: &[f64], after: &[f64], wall: f64) -> String {
-    COMPONENTS
-        .iter()
-        .zip(before.iter().zip(after))
-        .map(|((name, _), (b, a))| format!("{name} {:.0}%", (a - b) / wall * 100.0))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
 
 async fn register(args: &Args, http: &reqwest::Client) -> anyhow::Result<Vec<String>> {
     let auth = format!("Bearer {}", args.admin_key);
@@ -149,69 +112,6 @@ async fn register(args: &Args, http: &reqwest::Client) -> anyhow::Result<Vec<Str
         ensure!(resp.status().is_success(), "register: {} {}", resp.status(), resp.text().await?);
     }
     Ok((0..args.devices).map(|i| format!("d{i:07}")).collect())
-}
-
-/// Declares a durable queue bound to `exchange` for the product, purges it, and counts what arrives.
-async fn counting_consumer(
-    url: &str,
-    exchange: &str,
-    queue: &str,
-) -> anyhow::Result<(Arc<AtomicU64>, lapin::Connection)> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    ch.queue_bind(queue.into(), exchange.into(), PRODUCT.into(), QueueBindOptions::default(), FieldTable::default())
-        .await?;
-    ch.queue_purge(queue.into(), QueuePurgeOptions::default()).await?;
-    ch.basic_qos(2_000, BasicQosOptions::default()).await?;
-    let mut consumer =
-        ch.basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-    let count = Arc::new(AtomicU64::new(0));
-    let counter = count.clone();
-    tokio::spawn(async move {
-        let mut pending = 0;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            counter.fetch_add(1, Ordering::Relaxed);
-            pending += 1;
-            // Ack in groups, but never leave the prefetch window full.
-            if pending >= 200 || consumer_idle_hint(&counter) {
-                let _ = delivery.acker.ack(BasicAckOptions { multiple: true }).await;
-                pending = 0;
-            }
-        }
-    });
-    Ok((count, conn))
-}
-
-/// Deletes a phase's queue: a durable queue left bound would keep receiving (and persisting) every later
-/// event, doubling RabbitMQ's work in the next phase.
-async fn drop_queue(conn: lapin::Connection, queue: &str) -> anyhow::Result<()> {
-    let ch = conn.create_channel().await?;
-    ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
-    // The consumer's channel is being cancelled by the delete; closing may race with it.
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
-}
-
-fn consumer_idle_hint(counter: &AtomicU64) -> bool {
-    counter.load(Ordering::Relaxed) % 50 == 0
-}
-
-async fn wait_count(count: &AtomicU64, target: u64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while count.load(Ordering::Relaxed) < target {
-        ensure!(Instant::now() < deadline, "only {} of {target} events arrived", count.load(Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
 }
 
 /// Sends `bodies` as EMQX's HTTP connector does: `--connections` keep-alive connections, each with up to
@@ -311,13 +211,9 @@ fn bodies(events: Vec<Value>, per_request: usize) -> Vec<String> {
     }
 }
 
-fn now_ms() -> anyhow::Result<i64> {
-    Ok(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64)
-}
-
 async fn pipeline(args: &Args, devices: &[String], run: &str) -> anyhow::Result<f64> {
     let exchange = format!("{}.upload_data", args.exchange_prefix);
-    let (count, conn) = counting_consumer(&args.amqp_url, &exchange, &format!("bench.pipeline.{run}")).await?;
+    let (count, conn) = counting_consumer(&args.amqp_url, &exchange, PRODUCT, &format!("bench.pipeline.{run}")).await?;
     let ts = now_ms()?;
     let events: Vec<Value> = (0..args.events)
         .map(|i| {
@@ -326,13 +222,13 @@ async fn pipeline(args: &Args, devices: &[String], run: &str) -> anyhow::Result<
         })
         .collect();
     let bodies = bodies(events, args.events_per_request);
-    let before = cpu_snapshot();
+    let before = cpu_snapshot(COMPONENTS);
     let started = Instant::now();
     let hist = send_webhooks(args, bodies).await?;
     let acked = started.elapsed().as_secs_f64();
     wait_count(&count, args.events as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
-    let after = cpu_snapshot();
+    let after = cpu_snapshot(COMPONENTS);
     drop_queue(conn, &format!("bench.pipeline.{run}")).await?;
     let rate = args.events as f64 / done;
     println!(
@@ -344,7 +240,7 @@ async fn pipeline(args: &Args, devices: &[String], run: &str) -> anyhow::Result<
         args.events as f64 / acked,
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0,
-        cpu_report(&before, &after, done),
+        cpu_report(COMPONENTS, &before, &after, done),
     );
     Ok(rate)
 }
@@ -359,7 +255,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
     pool.execute("DROP TABLE IF EXISTS bench_floor; CREATE TABLE bench_floor (LIKE device_messages INCLUDING ALL)")
         .await?;
     let exchange = "bench.floor.upload_data";
-    let (count, conn) = counting_consumer(&args.amqp_url, exchange, "bench.floor").await?;
+    let (count, conn) = counting_consumer(&args.amqp_url, exchange, PRODUCT, "bench.floor").await?;
     let ts = now_ms()?;
     let rows: Arc<Vec<FloorRow>> = Arc::new(
         (0..args.events)
@@ -375,7 +271,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
             })
             .collect(),
     );
-    let before = cpu_snapshot();
+    let before = cpu_snapshot(COMPONENTS);
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -426,7 +322,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
     }
     wait_count(&count, args.events as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
-    let after = cpu_snapshot();
+    let after = cpu_snapshot(COMPONENTS);
     drop_queue(conn, "bench.floor").await?;
     let rate = args.events as f64 / done;
     println!(
@@ -434,7 +330,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
         args.floor_batch,
         args.floor_workers,
         args.events,
-        cpu_report(&before, &after, done)
+        cpu_report(COMPONENTS, &before, &after, done)
     );
     pool.execute("DROP TABLE bench_floor").await?;
     Ok(rate)
@@ -442,7 +338,7 @@ async fn floor(args: &Args, devices: &[String]) -> anyhow::Result<f64> {
 
 async fn presence(args: &Args, devices: &[String]) -> anyhow::Result<()> {
     let exchange = format!("{}.device_connection", args.exchange_prefix);
-    let (count, conn) = counting_consumer(&args.amqp_url, &exchange, "bench.presence").await?;
+    let (count, conn) = counting_consumer(&args.amqp_url, &exchange, PRODUCT, "bench.presence").await?;
     let ts = now_ms()?;
     let mut events = Vec::with_capacity(args.presence_pairs * 2);
     for i in 0..args.presence_pairs {
@@ -458,12 +354,12 @@ async fn presence(args: &Args, devices: &[String]) -> anyhow::Result<()> {
     }
     let n = events.len();
     let bodies = bodies(events, args.events_per_request);
-    let before = cpu_snapshot();
+    let before = cpu_snapshot(COMPONENTS);
     let started = Instant::now();
     let hist = send_webhooks(args, bodies).await?;
     wait_count(&count, n as u64, Duration::from_secs(600)).await?;
     let done = started.elapsed().as_secs_f64();
-    let after = cpu_snapshot();
+    let after = cpu_snapshot(COMPONENTS);
     drop_queue(conn, "bench.presence").await?;
     println!(
         "| presence: client.connected/disconnected webhooks → sessions + online flag + outbox → RabbitMQ | {n} events over {} devices | **{:.0} events/s** end to end | pipelined round p50 {:.1} ms / p99 {:.1} ms; CPU: {} |",
@@ -471,7 +367,7 @@ async fn presence(args: &Args, devices: &[String]) -> anyhow::Result<()> {
         n as f64 / done,
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0,
-        cpu_report(&before, &after, done)
+        cpu_report(COMPONENTS, &before, &after, done)
     );
     Ok(())
 }
