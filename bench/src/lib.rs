@@ -146,12 +146,18 @@ pub fn own_threads_cpu_seconds(prefix: &str) -> f64 {
     total
 }
 
-/// CPU seconds the whole machine spent busy (everything but idle and iowait), from `/proc/stat`.
+/// CPU seconds the whole machine spent running something (user, nice, system, irq, softirq), from
+/// `/proc/stat`. Steal (time the hypervisor gave to other guests) is not ours, so it is not counted.
 pub fn machine_busy_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<f64> =
         stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
-    let total: f64 = fields.iter().take(8).sum();
-    let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
-    (total - idle) / 100.0
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0.0);
+    (field(0) + field(1) + field(2) + field(5) + field(6)) / 100.0
+}
+
+/// CPUs `/proc/stat` accounts for (its `cpuN` lines), the denominator of [`machine_busy_seconds`].
+pub fn machine_cpus() -> usize {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count().max(1)
 }
