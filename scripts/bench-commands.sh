@@ -37,7 +37,8 @@ export IOTHUB_DATA_DIR="$work" IOTHUB_DATABASE__URL="$PG_URL" IOTHUB_DATABASE__M
 export IOTHUB_REDIS__URL="$REDIS_URL" IOTHUB_RABBITMQ__URL="$AMQP_URL"
 export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_LOG__LEVEL=warn
 export IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=$mqtt IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
-./target/release/iothub serve & hub_pid=$!
+# HUB_BIN runs another build of the server (A/B comparisons in one sitting: the machine drifts).
+"${HUB_BIN:-./target/release/iothub}" serve & hub_pid=$!
 for _ in $(seq 150); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
   kill -0 "$hub_pid" 2>/dev/null || { echo "iothub exited during start" >&2; exit 1; }

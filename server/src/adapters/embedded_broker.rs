@@ -85,15 +85,16 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
     // web-hook cannot send headers: the token rides as URL userinfo, which becomes Basic auth on the wire.
     // Publishes are forwarded only for the upstream topics iothub consumes (topics::UPSTREAM_FILTERS).
     let publish_topics = crate::topics::UPSTREAM_FILTERS.iter().map(|t| toml_str(t)).collect::<Vec<_>>().join(", ");
-    // Deliveries are reported for command topics only (the command log tracks them).
+    // Deliveries are reported for command topics only (the command log tracks them), and only as
+    // `message_delivered`: a command is `delivered` on its first report, and RMQTT's `message_acked` for a
+    // QoS 1/2 command always comes after it, so it would be a second webhook per command changing nothing.
     let command_topics = crate::topics::DOWNSTREAM_FILTERS.iter().map(|t| toml_str(t)).collect::<Vec<_>>().join(", ");
     let web_hook = format!(
         "queue_capacity = 100000\nconcurrency_limit = 64\nhttp_timeout = \"5s\"\nretry_max_elapsed_time = \"60s\"\nretry_multiplier = 2.5\nurls = [{}]\n\
          rule.client_connected = [{{ action = \"client_connected\" }}]\n\
          rule.client_disconnected = [{{ action = \"client_disconnected\" }}]\n\
          rule.message_publish = [{{ action = \"message_publish\", topics = [{publish_topics}] }}]\n\
-         rule.message_delivered = [{{ action = \"message_delivered\", topics = [{command_topics}] }}]\n\
-         rule.message_acked = [{{ action = \"message_acked\", topics = [{command_topics}] }}]\n",
+         rule.message_delivered = [{{ action = \"message_delivered\", topics = [{command_topics}] }}]\n",
         toml_str(hook_url(&s.hooks_base_url, "/broker/rmqtt/webhook", Some(&s.hook_token))?.as_str())
     );
     let auto_subscription = format!(
@@ -265,7 +266,7 @@ mod tests {
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/rmqtt-web-hook.toml"))
                 .unwrap();
         assert_eq!(rules(web_hook), rules(&published));
-        assert_eq!(rules(web_hook).len(), 5);
+        assert_eq!(rules(web_hook).len(), 4);
         let (_, auto) = configs.iter().find(|(name, _)| *name == "rmqtt-auto-subscription").unwrap();
         let published = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
