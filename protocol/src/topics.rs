@@ -679,7 +679,8 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/");
         for file in ["emqx-http.hocon", "emqx-postgresql.hocon"] {
             let text = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
-            let line = text.lines().find(|l| l.contains("$events/message_acked")).unwrap();
+            let line = text.lines().find(|l| l.contains("$events/message_delivered")).unwrap();
+            assert!(!text.contains("$events/message_acked"), "{file}: acked follows delivered; one report is enough");
             let filters: Vec<&str> = line.split('\'').filter(|t| t.ends_with("/#")).collect();
             assert_eq!(filters, DOWNSTREAM_FILTERS, "{file}");
             let auto: Vec<&str> =

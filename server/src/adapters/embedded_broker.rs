@@ -156,11 +156,7 @@ impl EmbeddedBroker {
             ));
             let dollar_hooks = scx.extends.hook_mgr().register();
             let forwarder = Arc::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url));
-            for hook in [
-                rmqtt::hook::Type::MessagePublish,
-                rmqtt::hook::Type::MessageDelivered,
-                rmqtt::hook::Type::MessageAcked,
-            ] {
+            for hook in [rmqtt::hook::Type::MessagePublish, rmqtt::hook::Type::MessageDelivered] {
                 dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
             }
             dollar_hooks.start().await;

@@ -219,17 +219,13 @@ impl Handler for DollarTopicForwarder {
                 });
                 self.enqueue(&publish.topic, from.to_from_json(body));
             }
-            Parameter::MessageDelivered(session, from, publish) | Parameter::MessageAcked(session, from, publish)
+            // Like the web-hook's rules: deliveries only (`message_acked` always follows and changes nothing).
+            Parameter::MessageDelivered(session, from, publish)
                 if has_inner_dollar_level(&publish.topic)
                     && matches_any(crate::topics::DOWNSTREAM_FILTERS, &publish.topic) =>
             {
-                let action = if matches!(param, Parameter::MessageDelivered(..)) {
-                    "message_delivered"
-                } else {
-                    "message_acked"
-                };
                 let body = serde_json::json!({
-                    "action": action,
+                    "action": "message_delivered",
                     "topic": &*publish.topic,
                     "qos": publish.qos.value(),
                     "payload": b64(&publish.payload),
