@@ -42,6 +42,16 @@ pub fn cpu_seconds(names: &[&str]) -> f64 {
 /// Named groups of processes whose CPU a run reports, e.g. `("PostgreSQL", &["postgres*"])`.
 pub type Components = &'static [(&'static str, &'static [&'static str])];
 
+/// What the benchmarks report (`*` = prefix; Linux truncates names to 15 characters). "generator" is the
+/// benchmark binary itself (`iothub-bench-events`, `iothub-bench-commands`).
+pub const COMPONENTS: Components = &[
+    ("iothub", &["iothub"]),
+    ("PostgreSQL", &["postgres*"]),
+    ("Redis", &["redis-server*"]),
+    ("RabbitMQ", &["beam.smp", "erl_child_setup", "epmd"]),
+    ("generator", &["iothub-bench-*"]),
+];
+
 pub fn cpu_snapshot(components: Components) -> Vec<f64> {
     components.iter().map(|(_, names)| cpu_seconds(names)).collect()
 }

@@ -679,8 +679,15 @@ mod tests {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../emqx-config/");
         for file in ["emqx-http.hocon", "emqx-postgresql.hocon"] {
             let text = std::fs::read_to_string(format!("{dir}{file}")).unwrap();
-            let line = text.lines().find(|l| l.contains("$events/message_delivered")).unwrap();
-            assert!(!text.contains("$events/message_acked"), "{file}: acked follows delivered; one report is enough");
+            // The enabled rule `iothub_delivery_events` selects deliveries of exactly the command topics.
+            let rule = text.split("iothub_delivery_events {").nth(1).and_then(|r| r.split('}').next()).unwrap();
+            assert!(rule.contains("enable = true"), "{file}");
+            let line = rule.lines().find(|l| l.contains("sql =")).unwrap();
+            assert!(line.contains("$events/message_delivered"), "{file}");
+            assert!(
+                !text.contains("$events/message_acked"),
+                "{file}: acked comes after delivered; one report is enough"
+            );
             let filters: Vec<&str> = line.split('\'').filter(|t| t.ends_with("/#")).collect();
             assert_eq!(filters, DOWNSTREAM_FILTERS, "{file}");
             let auto: Vec<&str> =
@@ -691,7 +698,7 @@ mod tests {
         let line = rmqtt.lines().find(|l| l.starts_with("rule.message_delivered")).unwrap();
         let filters: Vec<&str> = line.split('"').filter(|t| t.ends_with("/#")).collect();
         assert_eq!(filters, DOWNSTREAM_FILTERS);
-        // RMQTT's `message_acked` always follows `message_delivered`, which already made the command
+        // RMQTT's `message_acked` (QoS 1/2) only comes after `message_delivered`, which already made the command
         // `delivered`: forwarding it would be a second webhook per command for nothing.
         assert!(!rmqtt.lines().any(|l| l.starts_with("rule.message_acked")));
     }

@@ -17,7 +17,11 @@ run_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@";
 [ "$(id -u)" -eq 0 ] && chown postgres "$pg_dir"
 run_pg "$pg_bin/initdb" -D "$pg_dir/data" -U postgres -A trust >/dev/null
 pg_opts="-h 127.0.0.1 -p $pg_port -k $pg_dir -c max_connections=300 -c shared_buffers=512MB ${PG_EXTRA_OPTS:-}"
-[ "${PG_STATS:-0}" = "1" ] && pg_opts="$pg_opts -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track_utility=off -c pg_stat_statements.track_planning=on"
+# PG_PRELOAD adds preloaded libraries, e.g. PG_PRELOAD=auto_explain with PG_EXTRA_OPTS="-c auto_explain.…".
+preload="${PG_PRELOAD:-}"
+[ "${PG_STATS:-0}" = "1" ] && preload="pg_stat_statements${preload:+,$preload}" \
+  && pg_opts="$pg_opts -c pg_stat_statements.track_utility=off -c pg_stat_statements.track_planning=on"
+[ -n "$preload" ] && pg_opts="$pg_opts -c shared_preload_libraries=$preload"
 if [ "${PG_FAST:-1}" = "1" ]; then
   pg_opts="$pg_opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 fi

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 
 use iothub_bench::{
     counting_consumer, cpu_report, cpu_snapshot, drop_queue, machine_busy_seconds, machine_cpus, now_ms,
-    own_threads_cpu_seconds, wait_count, Components,
+    own_threads_cpu_seconds, wait_count, COMPONENTS,
 };
 
 #[derive(Debug, Clone, Parser)]
@@ -73,16 +73,6 @@ struct Args {
     #[arg(long)]
     floor_only: bool,
 }
-
-/// Process names per component (`*` = prefix). During the floor run, the generator process also runs the
-/// floor's broker and its hook sink.
-const COMPONENTS: Components = &[
-    ("iothub", &["iothub"]),
-    ("PostgreSQL", &["postgres*"]),
-    ("Redis", &["redis-server*"]),
-    ("RabbitMQ", &["beam.smp", "erl_child_setup", "epmd"]),
-    ("generator", &["iothub-bench-co"]),
-];
 
 const PRODUCT: &str = "benchcmd";
 
@@ -317,7 +307,7 @@ async fn hub_runs(args: &Args, http: &reqwest::Client, devices: &[(String, Strin
         cpu_report(COMPONENTS, &before, &after, complete.as_secs_f64()),
         busy_report(busy_before, complete.as_secs_f64())
     );
-    // Every command raises delivery webhooks (delivered, acked); the RPC phase must not queue behind them.
+    // Every command raises a delivery webhook; the RPC phase must not queue behind them.
     let drain = Instant::now();
     loop {
         let resp = http

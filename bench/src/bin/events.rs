@@ -22,7 +22,7 @@ use anyhow::{ensure, Context};
 use base64::Engine;
 use clap::Parser;
 use hdrhistogram::Histogram;
-use iothub_bench::{counting_consumer, cpu_report, cpu_snapshot, drop_queue, now_ms, wait_count, Components};
+use iothub_bench::{counting_consumer, cpu_report, cpu_snapshot, drop_queue, now_ms, wait_count, COMPONENTS};
 use lapin::options::*;
 use serde_json::{json, Value};
 use sqlx::Executor;
@@ -82,15 +82,6 @@ fn payload(i: usize) -> String {
         100 - i % 100
     )
 }
-
-/// Process names per component (`*` = prefix; Linux truncates names to 15 characters).
-const COMPONENTS: Components = &[
-    ("iothub", &["iothub"]),
-    ("PostgreSQL", &["postgres*"]),
-    ("Redis", &["redis-server*"]),
-    ("RabbitMQ", &["beam.smp", "erl_child_setup", "epmd"]),
-    ("generator", &["iothub-bench-ev"]),
-];
 
 async fn register(args: &Args, http: &reqwest::Client) -> anyhow::Result<Vec<String>> {
     let auth = format!("Bearer {}", args.admin_key);

@@ -180,8 +180,8 @@ fn qualified(table: &str) -> String {
 
 /// Which of the (lock-ordered) changes go to the set-based statements: a `Sent` or `Delivered` that is the
 /// first change of its command in the batch. Any later change of the same command (a reply) runs on its own
-/// afterwards and sees its effect, as it would in order — except a second `Delivered` (the `acked` after the
-/// `delivered`), which can never apply after the first (`delivered_at` is set) and is skipped.
+/// afterwards and sees its effect, as it would in order — except a second `Delivered` (a redelivery's report, or an
+/// `acked` an operator forwards), which can never apply after the first (`delivered_at` is set) and is skipped.
 fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>, std::collections::HashSet<usize>) {
     let (mut sent, mut delivered) = (Vec::new(), Vec::new());
     let mut skipped = std::collections::HashSet::new();

@@ -219,7 +219,7 @@ impl Handler for DollarTopicForwarder {
                 });
                 self.enqueue(&publish.topic, from.to_from_json(body));
             }
-            // Like the web-hook's rules: deliveries only (`message_acked` always follows and changes nothing).
+            // Like the web-hook's rules: deliveries only (`message_acked` only comes after and changes nothing).
             Parameter::MessageDelivered(session, from, publish)
                 if has_inner_dollar_level(&publish.topic)
                     && matches_any(crate::topics::DOWNSTREAM_FILTERS, &publish.topic) =>

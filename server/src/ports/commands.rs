@@ -248,7 +248,8 @@ pub enum Transition {
     /// Could not be published now: stays as it is, tried again at `next_attempt_at` (`None`: on connect).
     /// Fenced by the claim like `Sent`.
     Postponed { next_attempt_at: Option<i64>, lease: i64 },
-    /// The broker delivered it (QoS 0) or the device acknowledged it (QoS 1/2).
+    /// The broker reported handing it to the device's session (`message.delivered`; an `acked`, if an
+    /// operator forwards it, counts the same).
     Delivered { at: i64 },
     /// The device answered on `cmd_resp` / `rpc_resp` (must match the command's mode).
     Replied { at: i64, mode: CommandMode, payload: Vec<u8>, message_id: String },
