@@ -193,13 +193,15 @@ pub struct RetentionConfig {
     pub messages_days: u32,
     /// Days finished commands (replied, expired, failed) are kept; 0 keeps them forever.
     pub commands_days: u32,
+    /// Days OTA rollouts and their targets' progress are kept after the rollout; 0 keeps them forever.
+    pub ota_days: u32,
     /// How often each instance prunes (seconds).
     pub sweep_secs: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self { messages_days: 0, commands_days: 0, sweep_secs: 3_600 }
+        Self { messages_days: 0, commands_days: 0, ota_days: 0, sweep_secs: 3_600 }
     }
 }
 
@@ -408,8 +410,10 @@ impl Config {
             "events.publish_linger_ms must be at most a quarter of events.outbox_lease_ms"
         );
         anyhow::ensure!(
-            self.retention.messages_days <= 36_500 && self.retention.commands_days <= 36_500,
-            "retention.messages_days and retention.commands_days must be at most 36500"
+            [self.retention.messages_days, self.retention.commands_days, self.retention.ota_days]
+                .iter()
+                .all(|days| *days <= 36_500),
+            "retention.messages_days, retention.commands_days and retention.ota_days must be at most 36500"
         );
         anyhow::ensure!(
             (1..=86_400).contains(&self.retention.sweep_secs),

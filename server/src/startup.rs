@@ -250,7 +250,7 @@ impl Application {
         } else {
             Arc::new(RedisReplies::connect(&config.redis.url, &config.redis.key_prefix).await.context("Redis URL")?)
         };
-        crate::domain::retention::start(&store, &command_log, (&config.retention).into());
+        crate::domain::retention::start(&store, &command_log, &ota_store, (&config.retention).into());
         let commands = CommandService::start(
             store.clone(),
             command_log.clone(),

@@ -38,6 +38,14 @@ const PG_STATUS: &str = "UPDATE ota_targets t SET state = 'succeeded', succeeded
      FROM ota_rollouts r
      WHERE r.id = t.rollout_id AND t.product_id = $1 AND t.device_id = $2 AND t.state <> 'succeeded'
        AND ($3::JSONB ->> (r.type || '_version')) = r.version";
+// Retention, in two steps so a rollout to a million devices goes in bounded batches: its targets first, then
+// the rollout once it has none. The conditions are on the rollout, whose `created_at` never changes.
+const PRUNE_TARGETS: &str = "DELETE FROM ota_targets WHERE (rollout_id, device_id) IN (
+         SELECT t.rollout_id, t.device_id FROM ota_targets t JOIN ota_rollouts r ON r.id = t.rollout_id
+         WHERE r.created_at < $1 LIMIT $2)";
+const PRUNE_ROLLOUTS: &str = "DELETE FROM ota_rollouts WHERE id IN (
+         SELECT r.id FROM ota_rollouts r
+         WHERE r.created_at < $1 AND NOT EXISTS (SELECT 1 FROM ota_targets t WHERE t.rollout_id = r.id) LIMIT $2)";
 const SQLITE_STATUS: &str = "UPDATE ota_targets SET state = 'succeeded', succeeded_at = ?4
      WHERE product_id = ?1 AND device_id = ?2 AND state <> 'succeeded'
        AND rollout_id IN (SELECT r.id FROM ota_rollouts r
@@ -162,6 +170,29 @@ macro_rules! ota_store_impl {
                     .execute(self.$write())
                     .await?;
                 Ok(done.rows_affected() as usize)
+            }
+
+            #[tracing::instrument(skip(self), name = "ota.prune_rollouts")]
+            async fn prune_rollouts(&self, before: i64, limit: u32) -> Result<u64> {
+                // Unnamed statements: planned with the actual cutoff each time (see prune_commands).
+                let targets = sqlx::query(&$sql(PRUNE_TARGETS))
+                    .persistent(false)
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(self.$write())
+                    .await?
+                    .rows_affected();
+                if targets >= u64::from(limit) {
+                    return Ok(targets);
+                }
+                let rollouts = sqlx::query(&$sql(PRUNE_ROLLOUTS))
+                    .persistent(false)
+                    .bind(before)
+                    .bind(i64::from(limit) - targets as i64)
+                    .execute(self.$write())
+                    .await?
+                    .rows_affected();
+                Ok(targets + rollouts)
             }
         }
     };

@@ -1,5 +1,6 @@
-//! Built-in retention: every instance periodically deletes stored device messages and finished commands
-//! older than their configured age (`retention.*`; off by default: nothing is deleted unless asked).
+//! Built-in retention: every instance periodically deletes stored device messages, finished commands and
+//! OTA rollouts older than their configured age (`retention.*`; off by default: nothing is deleted unless
+//! asked).
 //!
 //! Deletes go in batches of [`BATCH`] rows, each its own short statement, so pruning a large backlog never
 //! holds locks or a transaction for long, and ingest keeps its turn between batches. Several instances
@@ -12,6 +13,7 @@ use crate::clock::now_ms;
 use crate::config::RetentionConfig;
 use crate::error::Result;
 use crate::ports::commands::CommandStore;
+use crate::ports::ota::OtaStore;
 use crate::ports::store::Store;
 
 /// Rows per delete statement.
@@ -24,6 +26,8 @@ pub struct RetentionSettings {
     pub messages_ms: Option<i64>,
     /// Keep finished commands this long (ms) after they were created; `None` keeps them forever.
     pub commands_ms: Option<i64>,
+    /// Keep OTA rollouts (with their targets' progress) this long (ms) after they were created.
+    pub ota_ms: Option<i64>,
     pub every: Duration,
 }
 
@@ -33,26 +37,39 @@ impl From<&RetentionConfig> for RetentionSettings {
         Self {
             messages_ms: age(c.messages_days),
             commands_ms: age(c.commands_days),
+            ota_ms: age(c.ota_days),
             every: Duration::from_secs(c.sweep_secs),
         }
     }
 }
 
 /// Starts the pruning loop if anything is to be pruned; it ends when the stores are dropped.
-pub fn start(store: &Arc<dyn Store>, commands: &Arc<dyn CommandStore>, settings: RetentionSettings) {
-    if settings.messages_ms.is_none() && settings.commands_ms.is_none() {
+pub fn start(
+    store: &Arc<dyn Store>,
+    commands: &Arc<dyn CommandStore>,
+    ota: &Arc<dyn OtaStore>,
+    settings: RetentionSettings,
+) {
+    if settings.messages_ms.is_none() && settings.commands_ms.is_none() && settings.ota_ms.is_none() {
         return;
     }
-    tokio::spawn(run(Arc::downgrade(store), Arc::downgrade(commands), settings));
+    tokio::spawn(run(Arc::downgrade(store), Arc::downgrade(commands), Arc::downgrade(ota), settings));
 }
 
-async fn run(store: Weak<dyn Store>, commands: Weak<dyn CommandStore>, settings: RetentionSettings) {
+async fn run(
+    store: Weak<dyn Store>,
+    commands: Weak<dyn CommandStore>,
+    ota: Weak<dyn OtaStore>,
+    settings: RetentionSettings,
+) {
     let mut interval = tokio::time::interval(settings.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let (Some(store), Some(commands)) = (store.upgrade(), commands.upgrade()) else { return };
-        if let Err(e) = prune(store.as_ref(), commands.as_ref(), &settings, now_ms()).await {
+        let (Some(store), Some(commands), Some(ota)) = (store.upgrade(), commands.upgrade(), ota.upgrade()) else {
+            return;
+        };
+        if let Err(e) = prune(store.as_ref(), commands.as_ref(), ota.as_ref(), &settings, now_ms()).await {
             tracing::warn!(error = %e, "retention round failed; retrying at the next one");
         }
     }
@@ -63,9 +80,10 @@ async fn run(store: Weak<dyn Store>, commands: Weak<dyn CommandStore>, settings:
 async fn prune(
     store: &dyn Store,
     commands: &dyn CommandStore,
+    ota: &dyn OtaStore,
     settings: &RetentionSettings,
     now: i64,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, u64)> {
     let messages = match settings.messages_ms {
         Some(age) => drain("messages", || store.prune_messages(now - age, BATCH)).await?,
         None => 0,
@@ -74,10 +92,14 @@ async fn prune(
         Some(age) => drain("commands", || commands.prune_commands(now - age, BATCH)).await?,
         None => 0,
     };
-    if messages + finished > 0 {
-        tracing::info!(messages, commands = finished, "retention pruned old rows");
+    let rollouts = match settings.ota_ms {
+        Some(age) => drain("ota", || ota.prune_rollouts(now - age, BATCH)).await?,
+        None => 0,
+    };
+    if messages + finished + rollouts > 0 {
+        tracing::info!(messages, commands = finished, ota = rollouts, "retention pruned old rows");
     }
-    Ok((messages, finished))
+    Ok((messages, finished, rollouts))
 }
 
 /// Runs `batch` until it deletes fewer than [`BATCH`] rows; returns the total.

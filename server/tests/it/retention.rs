@@ -1,5 +1,5 @@
-//! Built-in retention (`retention.*`): old messages and old finished commands go, open commands and recent
-//! rows stay, on both backends.
+//! Built-in retention (`retention.*`): old messages, old finished commands and old OTA rollouts go, open
+//! commands and recent rows stay, on both backends.
 
 use std::time::Duration;
 
@@ -99,5 +99,48 @@ async fn retention_prunes_old_messages_and_finished_commands(db: Db) {
     };
     // One recorder per test process (other tests' rounds add to it): at least this test's deletions.
     assert!(deleted("messages") >= Some(1.0) && deleted("commands") >= Some(1.0), "{text}");
+    hub.stop().await;
+}
+
+both_backends!(retention_prunes_old_ota_rollouts, retention_prunes_old_ota_rollouts);
+async fn retention_prunes_old_ota_rollouts(db: Db) {
+    let hub = TestHub::start_with(db, |c| {
+        c.retention.ota_days = 30;
+        c.retention.sweep_secs = 1;
+    })
+    .await;
+    hub.create_product("p").await;
+    let package = json!({"url": "https://updates.example.com/fw-2.0.0.bin", "version": "2.0.0", "size": 1024,
+        "md5": "9e107d9d372bb6826bd81d3542a419d6", "type": "firmware"});
+    let mut rollouts = Vec::new();
+    for device in ["old", "new"] {
+        hub.register("p", device).await;
+        let (s, v) =
+            hub.call(Method::POST, &format!("/api/v1/products/p/devices/{device}/ota"), Some(package.clone())).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        rollouts.push(v["rollout_id"].as_str().unwrap().to_string());
+    }
+    // Still pending (the devices never connect): an old rollout goes whatever its targets' state.
+    execute(
+        &hub,
+        &format!(
+            "UPDATE ota_rollouts SET created_at = {} WHERE id = '{}'",
+            iothub::clock::now_ms() - 40 * DAY_MS,
+            rollouts[0]
+        ),
+    )
+    .await;
+
+    eventually(Duration::from_secs(15), "the old rollout pruned", || async {
+        let (s, _) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{}", rollouts[0]), None).await;
+        (s == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+    let (_, mine) = hub.call(Method::GET, "/api/v1/products/p/devices/old/ota", None).await;
+    assert_eq!(mine["items"], json!([]), "its target went with it");
+    let (s, recent) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{}", rollouts[1]), None).await;
+    assert_eq!(s, StatusCode::OK, "{recent}");
+    let (_, theirs) = hub.call(Method::GET, "/api/v1/products/p/devices/new/ota", None).await;
+    assert_eq!(theirs["items"][0]["targets"][0]["state"], "pending", "{theirs}");
     hub.stop().await;
 }
