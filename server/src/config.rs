@@ -416,6 +416,13 @@ impl Config {
             "retention.messages_days, retention.commands_days and retention.ota_days must be at most 36500"
         );
         anyhow::ensure!(
+            self.retention.ota_days == 0
+                || i64::from(self.retention.ota_days) * 86_400_000 >= crate::domain::commands::MAX_TTL_MS,
+            "retention.ota_days must be 0 or at least {} (the longest command TTL): a rollout must outlive its \
+             $ota_upgrade commands, or a device upgrading late would report to nothing",
+            crate::domain::commands::MAX_TTL_MS / 86_400_000
+        );
+        anyhow::ensure!(
             (1..=86_400).contains(&self.retention.sweep_secs),
             "retention.sweep_secs must be between 1 and 86400"
         );
@@ -465,6 +472,15 @@ mod tests {
         config.events.publish_linger_ms = 26;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("events.publish_linger_ms"), "{error}");
+    }
+
+    #[test]
+    fn ota_retention_must_outlive_the_longest_command_ttl() {
+        let mut config = Config::default();
+        for (days, ok) in [(0, true), (29, false), (30, true), (36_500, true), (36_501, false)] {
+            config.retention.ota_days = days;
+            assert_eq!(config.validate().is_ok(), ok, "{days}");
+        }
     }
 
     #[test]

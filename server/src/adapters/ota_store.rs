@@ -39,7 +39,9 @@ const PG_STATUS: &str = "UPDATE ota_targets t SET state = 'succeeded', succeeded
      WHERE r.id = t.rollout_id AND t.product_id = $1 AND t.device_id = $2 AND t.state <> 'succeeded'
        AND ($3::JSONB ->> (r.type || '_version')) = r.version";
 // Retention, in two steps so a rollout to a million devices goes in bounded batches: its targets first, then
-// the rollout once it has none. The conditions are on the rollout, whose `created_at` never changes.
+// the rollout once it has none (every call, so emptied rollouts are not probed again by the next batch). The
+// conditions are on the rollout, whose `created_at` never changes. Old rollouts are found by reading
+// `ota_rollouts` (one row per push; no index on `created_at` alone).
 const PRUNE_TARGETS: &str = "DELETE FROM ota_targets WHERE (rollout_id, device_id) IN (
          SELECT t.rollout_id, t.device_id FROM ota_targets t JOIN ota_rollouts r ON r.id = t.rollout_id
          WHERE r.created_at < $1 LIMIT $2)";
@@ -182,13 +184,10 @@ macro_rules! ota_store_impl {
                     .execute(self.$write())
                     .await?
                     .rows_affected();
-                if targets >= u64::from(limit) {
-                    return Ok(targets);
-                }
                 let rollouts = sqlx::query(&$sql(PRUNE_ROLLOUTS))
                     .persistent(false)
                     .bind(before)
-                    .bind(i64::from(limit) - targets as i64)
+                    .bind(i64::from(limit))
                     .execute(self.$write())
                     .await?
                     .rows_affected();

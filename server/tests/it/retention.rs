@@ -144,3 +144,49 @@ async fn retention_prunes_old_ota_rollouts(db: Db) {
     assert_eq!(theirs["items"][0]["targets"][0]["state"], "pending", "{theirs}");
     hub.stop().await;
 }
+
+both_backends!(ota_prune_goes_in_batches, ota_prune_goes_in_batches);
+/// The store's batches, one row at a time: an old rollout to three devices goes target by target, then the
+/// emptied rollout; a recent rollout stays whole.
+async fn ota_prune_goes_in_batches(db: Db) {
+    use iothub::ports::ota::OtaStore;
+    let hub = TestHub::start(db).await;
+    hub.create_product("p").await;
+    for device in ["a", "b", "c"] {
+        hub.register("p", device).await;
+        let (s, v) = hub
+            .call(Method::PUT, &format!("/api/v1/products/p/devices/{device}/tags"), Some(json!({"tags": ["lab"]})))
+            .await;
+        assert!(s.is_success(), "{v}");
+    }
+    let package = json!({"url": "https://updates.example.com/fw-3.0.0.bin", "version": "3.0.0", "size": 1024,
+        "md5": "9e107d9d372bb6826bd81d3542a419d6", "type": "firmware"});
+    let (s, old) = hub.call(Method::POST, "/api/v1/products/p/tags/lab/ota", Some(package.clone())).await;
+    assert_eq!((s, old["total"].clone()), (StatusCode::CREATED, json!(3)), "{old}");
+    let (s, recent) = hub.call(Method::POST, "/api/v1/products/p/devices/a/ota", Some(package)).await;
+    assert_eq!(s, StatusCode::CREATED, "{recent}");
+    let (old, recent) = (old["rollout_id"].as_str().unwrap(), recent["rollout_id"].as_str().unwrap());
+    let now = iothub::clock::now_ms();
+    execute(&hub, &format!("UPDATE ota_rollouts SET created_at = {} WHERE id = '{old}'", now - 40 * DAY_MS)).await;
+
+    let url = &hub.config.database.url;
+    let ota: Box<dyn OtaStore> = if url.starts_with("postgres") {
+        Box::new(iothub::adapters::postgres::PgStore::connect(url, 2).await.unwrap())
+    } else {
+        Box::new(iothub::adapters::sqlite::SqliteStore::connect(url, 2).await.unwrap())
+    };
+    let mut deleted = Vec::new();
+    loop {
+        let n = ota.prune_rollouts(now - 30 * DAY_MS, 1).await.unwrap();
+        deleted.push(n);
+        if n < 1 {
+            break;
+        }
+    }
+    assert_eq!(deleted, [1, 1, 2, 0], "three targets, the last batch with the emptied rollout, then nothing");
+    let (s, _) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{old}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, kept) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{recent}"), None).await;
+    assert_eq!((s, kept["total"].clone()), (StatusCode::OK, json!(1)), "{kept}");
+    hub.stop().await;
+}
