@@ -89,6 +89,17 @@ async fn online(hub: &TestHub, device: &str, want: bool) {
     .await
 }
 
+/// Waits until the broker has subscribed the device to its command topics. The broker reports the connect
+/// (and iothub marks the device online) before its auto-subscription lands, so an RPC sent the instant a
+/// device shows online can find no subscriber; an `$ntp` round trip comes back on `cmd/…`, subscribed in the
+/// same step as `rpc/…` (asked again until one answer arrives: an answer sent too early is lost the same way).
+async fn subscribed(fw: &Firmware) {
+    eventually(Duration::from_secs(15), "subscribed to its command topics", || async {
+        fw.device.sync_time(Duration::from_millis(500)).await.ok().map(|_| ())
+    })
+    .await
+}
+
 async fn command_state(hub: &TestHub, device: &str, request_id: &str, state: &str) -> Value {
     eventually(Duration::from_secs(15), &format!("command {request_id} {state}"), || async {
         let (_, v) =
@@ -214,6 +225,7 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
     })
     .await;
     assert_eq!(stored.len(), 203, "no message lost or invented");
+    subscribed(&device).await;
     let (s, rpc) = hub
         .call(Method::POST, "/api/v1/products/p/devices/d/rpc", Some(json!({"name": "ping", "timeout_ms": 5000})))
         .await;
@@ -363,6 +375,7 @@ async fn sdk_devices_connect_over_tls() {
     };
     let fw = Firmware::start(tls_config(ca_pem)).await;
     online(&hub, "d", true).await;
+    subscribed(&fw).await;
     let (s, rpc) = hub
         .call(Method::POST, "/api/v1/products/p/devices/d/rpc", Some(json!({"name": "getTemp", "timeout_ms": 5000})))
         .await;
