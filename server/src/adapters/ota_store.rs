@@ -176,22 +176,19 @@ macro_rules! ota_store_impl {
 
             #[tracing::instrument(skip(self), name = "ota.prune_rollouts")]
             async fn prune_rollouts(&self, before: i64, limit: u32) -> Result<u64> {
-                // Unnamed statements: planned with the actual cutoff each time (see prune_commands).
-                let targets = sqlx::query(&$sql(PRUNE_TARGETS))
-                    .persistent(false)
-                    .bind(before)
-                    .bind(i64::from(limit))
-                    .execute(self.$write())
-                    .await?
-                    .rows_affected();
-                let rollouts = sqlx::query(&$sql(PRUNE_ROLLOUTS))
-                    .persistent(false)
-                    .bind(before)
-                    .bind(i64::from(limit))
-                    .execute(self.$write())
-                    .await?
-                    .rows_affected();
-                Ok(targets + rollouts)
+                // Targets first, then the rollouts they emptied. Unnamed statements: planned with the actual
+                // cutoff each time (see prune_commands).
+                let mut deleted = 0;
+                for statement in [PRUNE_TARGETS, PRUNE_ROLLOUTS] {
+                    deleted += sqlx::query(&$sql(statement))
+                        .persistent(false)
+                        .bind(before)
+                        .bind(i64::from(limit))
+                        .execute(self.$write())
+                        .await?
+                        .rows_affected();
+                }
+                Ok(deleted)
             }
         }
     };
