@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests need (PostgreSQL, Redis, RabbitMQ,
-# protoc; docker-compose, haproxy and hadolint for the deployment checks), starts throwaway PostgreSQL, Redis
+# protoc, mosquitto-clients; docker-compose, haproxy and hadolint for the deployment checks), starts throwaway PostgreSQL, Redis
 # and RabbitMQ servers on loopback, then runs fmt, the deployment checks, clippy and every test. The MQTT broker needs no install: the tests start RMQTT (compiled into iothub) themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=lib/build-deps.sh
 . scripts/lib/build-deps.sh
+
+# Stock third-party clients the tests attack and use iothub with: mosquitto's MQTT clients.
+if ! command -v mosquitto_sub >/dev/null; then
+  echo "installing: mosquitto-clients"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends mosquitto-clients >/dev/null
+fi
 
 # A private PostgreSQL cluster (fsync off: throwaway data), trust auth on loopback only.
 # shellcheck source=lib/postgres.sh

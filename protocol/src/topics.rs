@@ -150,6 +150,17 @@ pub fn device_may(product: &str, device: &str, action: Action, topic: &str) -> b
     }
 }
 
+/// The real filter of a shared subscription (`$share/{group}/{filter}` or `$queue/{filter}`), which is what
+/// EMQX authorizes (it strips the prefix before asking); `None` for anything else, including a malformed
+/// share with an empty or wildcard group.
+pub fn shared_subscription_filter(topic: &str) -> Option<&str> {
+    if let Some(rest) = topic.strip_prefix("$share/") {
+        let (group, filter) = rest.split_once('/')?;
+        return (!group.is_empty() && !group.contains(['+', '#']) && !filter.is_empty()).then_some(filter);
+    }
+    topic.strip_prefix("$queue/").filter(|f| !f.is_empty())
+}
+
 /// Matches a literal MQTT filter (no placeholders) against a topic (publish) or filter (subscribe).
 pub fn filter_permits(filter: &str, action: Action, topic: &str) -> bool {
     match action {

@@ -26,10 +26,11 @@ pub struct DeviceConfig {
     pub host: String,
     pub port: u16,
     pub tls: Option<Tls>,
-    /// Appended to the MQTT client id (`{product_id}.{device_id}` or `{product_id}.{device_id}-{suffix}`), e.g.
-    /// to tell two processes of one device apart in the connection list. The product is part of the id
-    /// because brokers key sessions by client id alone: two products' devices with one device id would
-    /// otherwise take each other's session over, again and again.
+    /// Appended to the MQTT client id (`{product_id}/{device_id}` or `{product_id}/{device_id}/{suffix}`, the
+    /// reference IotHub SDK's ids), e.g. to tell two processes of one device apart in the connection list.
+    /// Brokers key sessions by client id alone, so iothub lets a device use only client ids derived from its
+    /// own identity: no other device can take over, kick or inherit its session. The suffix uses the id
+    /// alphabet `[A-Za-z0-9_-]{1,64}`.
     pub client_id_suffix: Option<String>,
     pub keep_alive: Duration,
     /// First reconnect delay; doubles per failed attempt up to `reconnect_max`, with full jitter so a fleet
@@ -82,16 +83,18 @@ impl DeviceConfig {
     }
 
     pub fn client_id(&self) -> String {
-        // '.' is not in the id alphabet, so the product/device boundary is unambiguous.
         match &self.client_id_suffix {
-            Some(suffix) => format!("{}.{}-{suffix}", self.product_id, self.device_id),
-            None => format!("{}.{}", self.product_id, self.device_id),
+            Some(suffix) => format!("{}/{suffix}", self.username()),
+            None => self.username(),
         }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
         for (field, id) in [("product_id", &self.product_id), ("device_id", &self.device_id)] {
             iothub_protocol::ids::validate_id(id).map_err(|e| Error::Config(format!("{field}: {e}")))?;
+        }
+        if let Some(suffix) = &self.client_id_suffix {
+            iothub_protocol::ids::validate_id(suffix).map_err(|e| Error::Config(format!("client_id_suffix: {e}")))?;
         }
         if self.secret.is_empty() {
             return Err(Error::Config("secret must not be empty".into()));
@@ -186,7 +189,12 @@ mod tests {
     fn ids_are_checked() {
         let ok = DeviceConfig::new("p", "d", "s", "localhost", 1883);
         assert!(ok.validate().is_ok());
-        assert_eq!((ok.username(), ok.client_id()), ("p/d".to_string(), "p.d".to_string()));
+        assert_eq!((ok.username(), ok.client_id()), ("p/d".to_string(), "p/d".to_string()));
+        let second = DeviceConfig { client_id_suffix: Some("backup".into()), ..ok.clone() };
+        assert_eq!(second.client_id(), "p/d/backup");
+        assert!(iothub_protocol::identity::check_identity(&second.username(), &second.client_id()).is_ok());
+        let spaced = DeviceConfig { client_id_suffix: Some("a b".into()), ..ok.clone() };
+        assert!(matches!(spaced.validate(), Err(Error::Config(m)) if m.starts_with("client_id_suffix")));
         let bad = DeviceConfig::new("p/x", "d", "s", "localhost", 1883);
         assert!(matches!(bad.validate(), Err(Error::Config(m)) if m.starts_with("product_id")));
     }

@@ -18,4 +18,4 @@ pub mod secrets;
 pub mod startup;
 pub mod telemetry;
 
-pub use iothub_protocol::{ids, topics};
+pub use iothub_protocol::{identity, ids, topics};

@@ -110,7 +110,7 @@ async fn device(
     pongs: tokio::sync::mpsc::UnboundedSender<Instant>,
 ) -> anyhow::Result<AsyncClient> {
     let (host, port) = addr.rsplit_once(':').context("mqtt address")?;
-    let mut opts = MqttOptions::new(id, host, port.parse()?);
+    let mut opts = MqttOptions::new(format!("{PRODUCT}/{id}"), host, port.parse()?);
     opts.set_credentials(format!("{PRODUCT}/{id}"), secret);
     opts.set_keep_alive(Duration::from_secs(60));
     opts.set_inflight(200);

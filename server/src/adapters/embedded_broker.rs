@@ -2,6 +2,8 @@
 //!
 //! RMQTT is composed from its plugin crates exactly the way an operator would deploy an EMQX-4-style
 //! broker next to iothub, so the embedded profile exercises the same contracts as production:
+//! - an identity gate ([`crate::adapters::rmqtt_identity`]) refuses malformed usernames and client ids not
+//!   bound to the username before any plugin sees them;
 //! - `rmqtt-auth-http` asks iothub's `/broker/rmqtt/auth|acl` hooks for every connect, subscribe and
 //!   (uncached) publish, sending the hook token as HTTP Basic credentials;
 //! - `rmqtt-acl` holds a single `["deny", "all"]` rule, so whatever the hooks do not allow (including
@@ -159,6 +161,14 @@ impl EmbeddedBroker {
             for hook in [rmqtt::hook::Type::MessagePublish, rmqtt::hook::Type::MessageDelivered] {
                 dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
             }
+            // Before every plugin: identities that are not well formed never reach auth-http's templates.
+            dollar_hooks
+                .add_priority(
+                    rmqtt::hook::Type::ClientAuthenticate,
+                    crate::adapters::rmqtt_identity::GATE_PRIORITY,
+                    Box::new(crate::adapters::rmqtt_identity::IdentityGate),
+                )
+                .await;
             dollar_hooks.start().await;
             // Order matters only for readability: auth-http (priority 100) runs before acl (10).
             rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;

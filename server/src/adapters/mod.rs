@@ -23,6 +23,7 @@ pub mod rabbitmq;
 pub mod redis_dedup;
 pub mod redis_replies;
 pub mod rmqtt_dollar;
+pub mod rmqtt_identity;
 pub mod shadow_store;
 pub mod sqlite;
 pub mod tag_store;

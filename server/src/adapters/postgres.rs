@@ -405,6 +405,41 @@ impl Store for PgStore {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await?)
     }
 
+    #[tracing::instrument(skip(self, session), name = "pg.put_token_session")]
+    async fn put_token_session(
+        &self,
+        client_id: &str,
+        username: &str,
+        session: &StoredTokenSession,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM mqtt_token_sessions WHERE expires_at < $1").bind(now).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO mqtt_token_sessions (client_id, username, acl, expires_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (client_id, username) DO UPDATE SET acl = excluded.acl, expires_at = excluded.expires_at",
+        )
+        .bind(client_id)
+        .bind(username)
+        .bind(&session.acl_json)
+        .bind(session.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self), name = "pg.get_token_session")]
+    async fn get_token_session(&self, client_id: &str, username: &str) -> Result<Option<StoredTokenSession>> {
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT acl, expires_at FROM mqtt_token_sessions WHERE client_id = $1 AND username = $2")
+                .bind(client_id)
+                .bind(username)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(acl_json, expires_at)| StoredTokenSession { acl_json, expires_at }))
+    }
+
     #[tracing::instrument(skip_all, name = "pg.ingest",
         fields(messages = batch.messages.len(), reports = batch.reports.len(), presence = batch.presence.len()))]
     async fn ingest(&self, batch: &IngestBatch, now: i64, lease_ms: i64) -> Result<IngestOutcome> {

@@ -131,11 +131,11 @@ pub async fn emqx5_authn(State(state): State<SharedState>, p: HookParams) -> Jso
         AuthnDecision::AllowToken { acl, expire_at } => {
             Json(json!({"result": "allow", "is_superuser": false, "acl": broker_grants(&acl), "expire_at": expire_at}))
         }
-        // Not a device and not one of our tokens: let the rest of EMQX's chain (its JWT authenticator)
-        // decide; an exhausted chain refuses the client.
-        AuthnDecision::Deny(_) if DeviceRef::from_broker_username(username).is_none() => {
-            Json(json!({"result": "ignore"}))
-        }
+        // A well-formed token identity with a token this instance cannot verify: let the rest of EMQX's chain
+        // (its JWT authenticator) decide; an exhausted chain refuses the client. Everything else is final: a
+        // malformed identity or a client id bound to someone else must not reach an authenticator that does
+        // not check them (EMQX's JWT authenticator would accept a valid token under a device's client id).
+        d @ AuthnDecision::Deny(_) if d.is_unverified_token() => Json(json!({"result": "ignore"})),
         AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
     }
 }
@@ -173,6 +173,27 @@ fn device_publish_acl(username: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A device's complete ACL in RMQTT's rule format, decided in the broker on the identity authenticated at
+/// CONNECT: publish grants, subscribe grants, then `deny all`. The auto-subscribed filters are literal
+/// (`eq `), because a broker's own matcher lets a granted `+` match a requested `#`. The tag grant stays a
+/// filter (tags change during a connection); what that matcher lets through beyond iothub's exact check stays
+/// inside the product's own tag namespace (`tags/{p}/{tag}/cmd/a/b/#` also reaches 6-level topics there, which
+/// nothing iothub sends uses).
+fn device_full_acl(username: &str) -> Vec<Value> {
+    let Some(device) = DeviceRef::from_broker_username(username) else {
+        return vec![json!({"permission": "deny", "action": "all", "topic": "#"})];
+    };
+    let (p, d) = (device.product.as_str(), device.device.as_str());
+    let mut rules = device_publish_acl(username);
+    for rule in crate::topics::DEVICE_ACL.iter().filter(|r| r.action == Action::Subscribe) {
+        let filter = crate::topics::expand_template(rule.topic, p, d);
+        let topic = if rule.topic.starts_with("tags/") { filter } else { format!("eq {filter}") };
+        rules.push(json!({"permission": "allow", "action": "subscribe", "topic": topic}));
+    }
+    rules.push(json!({"permission": "deny", "action": "all", "topic": "#"}));
+    rules
+}
+
 pub async fn emqx5_authz(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
     let allowed = authz(&state, &p, emqx5_action(p.get("action"))).await;
     Json(json!({"result": if allowed { "allow" } else { "deny" }}))
@@ -203,9 +224,12 @@ pub async fn emqx4_superuser(_: HookParams) -> StatusCode {
 pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
     let username = p.get("username");
     match state.access.authenticate(p.get("clientid"), username, p.get("password")).await {
-        // RMQTT evaluates a returned ACL in the broker; anything it does not match falls back to the acl hook.
+        // RMQTT evaluates a returned ACL in the broker. A device gets its whole ACL and a final deny, so RMQTT
+        // never asks the acl hook about a device: rmqtt-auth-http fills its request placeholders one after
+        // another, so an external RMQTT without iothub's pre-authentication hook could present another
+        // username there than the one authenticated (`P/d4%A` is `P/d4` at CONNECT and `P/d41` at ACL time).
         AuthnDecision::AllowDevice => {
-            Json(json!({"result": "allow", "superuser": false, "acl": device_publish_acl(username)}))
+            Json(json!({"result": "allow", "superuser": false, "acl": device_full_acl(username)}))
         }
         AuthnDecision::AllowToken { acl, expire_at } => {
             Json(json!({"result": "allow", "superuser": false, "acl": broker_grants(&acl), "expire_at": expire_at}))

@@ -267,6 +267,15 @@ pub struct ReportRecord {
     pub reported_at: i64,
 }
 
+/// What a token client was granted at CONNECT, kept for the authz questions that follow on any instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTokenSession {
+    /// The token's `acl` claim as JSON (EMQX 5 rule list).
+    pub acl_json: String,
+    /// Unix seconds: the token's `exp`; the session grants nothing after it.
+    pub expires_at: i64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip for `/readyz`.
@@ -305,6 +314,17 @@ pub trait Store: Send + Sync + 'static {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>>;
     async fn revoke_api_key(&self, id: &str, now: i64) -> Result<bool>;
     async fn count_api_keys(&self) -> Result<i64>;
+
+    /// Records (or replaces) the grant of the token client `(client_id, username)`, and forgets sessions that
+    /// expired before `now` (Unix seconds).
+    async fn put_token_session(
+        &self,
+        client_id: &str,
+        username: &str,
+        session: &StoredTokenSession,
+        now: i64,
+    ) -> Result<()>;
+    async fn get_token_session(&self, client_id: &str, username: &str) -> Result<Option<StoredTokenSession>>;
 
     /// Applies a batch in one transaction, writing an outbox row for every effective change. Replays are
     /// harmless: a known message id stores nothing and emits nothing; a presence fact already known

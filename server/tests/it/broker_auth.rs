@@ -20,7 +20,7 @@ async fn device_connects_only_with_its_triple(db: Db) {
     must_connect(mqtt, "p1/d1", "p1/d1", &secret).await;
     must_be_refused(mqtt, "p1/d1", "p1/d1", "wrong").await;
     must_be_refused(mqtt, "p1/d1", "p1/d1", &other).await;
-    must_be_refused(mqtt, "x", "p1/nobody", &secret).await;
+    must_be_refused(mqtt, "p1/nobody", "p1/nobody", &secret).await;
     must_be_refused(mqtt, "x", "anonymous", "").await;
 
     // Suspended: refused; resumed: accepted again.
@@ -28,11 +28,11 @@ async fn device_connects_only_with_its_triple(db: Db) {
     assert_eq!(s, StatusCode::OK);
     must_be_refused(mqtt, "p1/d1", "p1/d1", &secret).await;
     hub.call(Method::POST, "/api/v1/products/p1/devices/d1/resume", None).await;
-    must_connect(mqtt, "p1/d1-b", "p1/d1", &secret).await;
+    must_connect(mqtt, "p1/d1/b", "p1/d1", &secret).await;
 
     // Deleted: refused.
     hub.call(Method::DELETE, "/api/v1/products/p1/devices/d1", None).await;
-    must_be_refused(mqtt, "p1/d1-c", "p1/d1", &secret).await;
+    must_be_refused(mqtt, "p1/d1/c", "p1/d1", &secret).await;
     hub.stop().await;
 }
 
@@ -117,11 +117,11 @@ async fn secret_rotation_overlaps(db: Db) {
     assert_eq!(s, StatusCode::OK, "{b}");
     let new = b["secret"].as_str().unwrap().to_string();
     assert_ne!(new, old);
-    must_connect(hub.mqtt_addr, "p1/d1-a", "p1/d1", &old).await;
-    must_connect(hub.mqtt_addr, "p1/d1-b", "p1/d1", &new).await;
+    must_connect(hub.mqtt_addr, "p1/d1/a", "p1/d1", &old).await;
+    must_connect(hub.mqtt_addr, "p1/d1/b", "p1/d1", &new).await;
 
     // No overlap (a leaked secret): old secrets stop at once and live connections are kicked.
-    let (_c, mut e) = must_connect(hub.mqtt_addr, "p1/d1-live", "p1/d1", &new).await;
+    let (_c, mut e) = must_connect(hub.mqtt_addr, "p1/d1/live", "p1/d1", &new).await;
     let watcher = tokio::spawn(async move { wait_for(&mut e, Duration::from_secs(10), |_| false).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (_, b) = hub
@@ -130,9 +130,9 @@ async fn secret_rotation_overlaps(db: Db) {
     assert!(b["connections_kicked"].as_u64().unwrap() >= 1, "{b}");
     assert!(watcher.await.unwrap().is_err_and(|e| e.starts_with("connection closed")));
     let newest = b["secret"].as_str().unwrap().to_string();
-    must_be_refused(hub.mqtt_addr, "p1/d1-c", "p1/d1", &new).await;
-    must_be_refused(hub.mqtt_addr, "p1/d1-d", "p1/d1", &old).await;
-    must_connect(hub.mqtt_addr, "p1/d1-e", "p1/d1", &newest).await;
+    must_be_refused(hub.mqtt_addr, "p1/d1/c", "p1/d1", &new).await;
+    must_be_refused(hub.mqtt_addr, "p1/d1/d", "p1/d1", &old).await;
+    must_connect(hub.mqtt_addr, "p1/d1/e", "p1/d1", &newest).await;
     hub.stop().await;
 }
 
@@ -151,7 +151,7 @@ async fn jwt_clients_get_exactly_their_acl() {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let token = b["token"].as_str().unwrap().to_string();
-    let (c, mut e) = must_connect(hub.mqtt_addr, "ops-1", "ops.console", &token).await;
+    let (c, mut e) = must_connect(hub.mqtt_addr, "ops.console", "ops.console", &token).await;
     c.subscribe("upload_data/#", QoS::AtMostOnce).await.unwrap();
     let Packet::SubAck(ack) =
         wait_for(&mut e, Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_))).await.unwrap()
@@ -167,8 +167,8 @@ async fn jwt_clients_get_exactly_their_acl() {
     };
     assert_eq!(ack.return_codes[0], SubscribeReasonCode::Failure);
 
-    must_be_refused(hub.mqtt_addr, "ops-2", "someone-else", &token).await;
-    must_be_refused(hub.mqtt_addr, "ops-3", "ops.console", "not-a-token").await;
+    must_be_refused(hub.mqtt_addr, "someone.else", "someone.else", &token).await;
+    must_be_refused(hub.mqtt_addr, "ops.console", "ops.console", "not-a-token").await;
 
     let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "p1/d1"}))).await;
     assert_eq!(

@@ -141,7 +141,7 @@ async fn commands_round_trip_through_the_broker() {
     assert!(expired["sent_at"].is_null(), "{expired}");
 
     // The device connects (no SUBSCRIBE of its own: the broker's auto-subscription) and gets `reboot` once.
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1-main", "p1/d1", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1/main", "p1/d1", &secret).await;
     let (inbox, device_task) = answering_device(client.clone(), eventloop, "d1");
     let replied = wait_state(&hub, "p1", "d1", &reboot, "replied").await;
     assert_eq!(B64.decode(replied["reply"]["payload"].as_str().unwrap()).unwrap(), b"ok:reboot");
@@ -256,7 +256,7 @@ async fn unreplied_commands_are_retried_by_policy() {
     let hub = TestHub::start_with(Db::Sqlite, |c| c.commands.sweep_ms = 200).await;
     hub.create_product("p").await;
     let secret = hub.register("p", "d").await;
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d", "p/d", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p/d", "p/d", &secret).await;
     let (inbox, device_task) = answering_device(client.clone(), eventloop, "d");
     wait_online(&hub, "p", "d").await;
     let (s, slow) = hub
@@ -309,7 +309,7 @@ async fn rpc_is_answered_across_instances() {
     .await;
     a.create_product("p").await;
     let secret = a.register("p", "d").await;
-    let (client, eventloop) = must_connect(a.mqtt_addr, "d", "p/d", &secret).await;
+    let (client, eventloop) = must_connect(a.mqtt_addr, "p/d", "p/d", &secret).await;
     let (_inbox, device_task) = answering_device(client.clone(), eventloop, "d");
     wait_online(&a, "p", "d").await;
 
@@ -382,10 +382,10 @@ async fn tag_commands_track_each_device() {
 
     // d1 answers, d2 listens but stays silent, d3 is offline. Devices subscribe to their tag topics
     // themselves (the SDK does this from its stored tags).
-    let (c1, e1) = must_connect(hub.mqtt_addr, "d1", "p/d1", &secrets["d1"]).await;
+    let (c1, e1) = must_connect(hub.mqtt_addr, "p/d1", "p/d1", &secrets["d1"]).await;
     c1.subscribe("tags/p/floor-3/cmd/+/+/+/#", QoS::AtLeastOnce).await.unwrap();
     let (inbox1, t1) = answering_device(c1.clone(), e1, "d1");
-    let (c2, mut e2) = must_connect(hub.mqtt_addr, "d2", "p/d2", &secrets["d2"]).await;
+    let (c2, mut e2) = must_connect(hub.mqtt_addr, "p/d2", "p/d2", &secrets["d2"]).await;
     c2.subscribe("tags/p/floor-3/cmd/+/+/+/#", QoS::AtLeastOnce).await.unwrap();
     wait_for(&mut e2, Duration::from_secs(5), |p| matches!(p, Packet::SubAck(_))).await.unwrap();
     let silent_inbox: Inbox = Arc::default();
@@ -431,7 +431,7 @@ async fn tag_commands_track_each_device() {
     assert_eq!(received(&silent_inbox, &id).len(), 1, "the silent device got it too");
 
     // d3 comes online: it gets the command on its own command topic and answers.
-    let (c3, e3) = must_connect(hub.mqtt_addr, "d3", "p/d3", &secrets["d3"]).await;
+    let (c3, e3) = must_connect(hub.mqtt_addr, "p/d3", "p/d3", &secrets["d3"]).await;
     let (inbox3, t3) = answering_device(c3.clone(), e3, "d3");
     let status = eventually(Duration::from_secs(15), "d3's reply", || async {
         let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/p/tag-commands/{id}"), None).await;
@@ -562,9 +562,9 @@ async fn ota_rollouts_follow_each_device_to_success() {
         hub.call(Method::PUT, &format!("/api/v1/products/p/devices/{d}/tags"), Some(json!({"tags": ["lab"]}))).await;
     }
     let mut consumer = EventConsumer::bind(&amqp_url(), &hub.config.rabbitmq.exchange_prefix, "p", "").await;
-    let (c1, e1) = must_connect(hub.mqtt_addr, "d1", "p/d1", &secrets["d1"]).await;
+    let (c1, e1) = must_connect(hub.mqtt_addr, "p/d1", "p/d1", &secrets["d1"]).await;
     let t1 = drive(e1);
-    let (c2, e2) = must_connect(hub.mqtt_addr, "d2", "p/d2", &secrets["d2"]).await;
+    let (c2, e2) = must_connect(hub.mqtt_addr, "p/d2", "p/d2", &secrets["d2"]).await;
     let t2 = drive(e2);
     wait_online(&hub, "p", "d1").await;
     wait_online(&hub, "p", "d2").await;
@@ -662,9 +662,9 @@ async fn devices_message_each_other() {
     let hub = TestHub::start(Db::Sqlite).await;
     hub.create_product("p").await;
     let (sa, sb) = (hub.register("p", "a").await, hub.register("p", "b").await);
-    let (ca, ea) = must_connect(hub.mqtt_addr, "a", "p/a", &sa).await;
+    let (ca, ea) = must_connect(hub.mqtt_addr, "p/a", "p/a", &sa).await;
     let ta = drive(ea);
-    let (cb, mut eb) = must_connect(hub.mqtt_addr, "b", "p/b", &sb).await;
+    let (cb, mut eb) = must_connect(hub.mqtt_addr, "p/b", "p/b", &sb).await;
     wait_online(&hub, "p", "a").await;
     wait_online(&hub, "p", "b").await;
     ca.publish("m2m/p/b/a/m1", QoS::AtLeastOnce, false, "hello b").await.unwrap();
@@ -702,7 +702,7 @@ async fn concurrent_commands_share_group_commits(db: Db) {
     hub.register("p", "sus").await;
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/sus/suspend", None).await;
     assert!(s.is_success());
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "on", "p/on", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p/on", "p/on", &secret).await;
     let (inbox, _task) = answering_device(client, eventloop, "on");
     wait_online(&hub, "p", "on").await;
 

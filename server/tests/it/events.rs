@@ -40,12 +40,12 @@ async fn device_events_reach_storage_and_rabbitmq() {
     let secret = hub.register("p1", "d1").await;
     let mut consumer = EventConsumer::bind(&amqp_url(), &hub.config.rabbitmq.exchange_prefix, "p1", "").await;
 
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1-main", "p1/d1", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1/main", "p1/d1", &secret).await;
     let driver = drive(eventloop);
     let online = wait_online(&hub, "p1", "d1", true).await;
     let conns = online["connections"].as_array().unwrap();
     assert_eq!(conns.len(), 1, "{online}");
-    assert_eq!(conns[0]["client_id"], "d1-main");
+    assert_eq!(conns[0]["client_id"], "p1/d1/main");
     assert_eq!(conns[0]["connected"], true);
     assert_eq!(conns[0]["ip_address"], "127.0.0.1");
     assert_eq!(conns[0]["keepalive"], 30);
@@ -132,11 +132,11 @@ async fn device_events_reach_storage_and_rabbitmq() {
         .await;
     let gone = of_kind(&gone, "device_connection").into_iter().find(|e| e["event"] == "disconnected").unwrap().clone();
     assert_eq!(gone["online"], false);
-    assert_eq!(gone["client_id"], "d1-main");
+    assert_eq!(gone["client_id"], "p1/d1/main");
     assert!(gone["connected_at"].as_i64().is_some(), "filled in from the connect: {gone}");
 
     // ...and a kick (suspension).
-    let (_client, eventloop) = must_connect(hub.mqtt_addr, "d1-main", "p1/d1", &secret).await;
+    let (_client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1/main", "p1/d1", &secret).await;
     let _driver = drive(eventloop);
     wait_online(&hub, "p1", "d1", true).await;
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p1/devices/d1/suspend", None).await;
@@ -167,9 +167,9 @@ async fn embedded_profile_streams_events_over_sse() {
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp;
 
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1", "p1/d1", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1", "p1/d1", &secret).await;
     let _driver = drive(eventloop);
-    let (other, eventloop2) = must_connect(hub.mqtt_addr, "d9", "p2/d9", &secret2).await;
+    let (other, eventloop2) = must_connect(hub.mqtt_addr, "p2/d9", "p2/d9", &secret2).await;
     let _driver2 = drive(eventloop2);
     other.publish("upload_data/p2/d9/t/x1", QoS::AtLeastOnce, false, "other product").await.unwrap();
     client.publish("upload_data/p1/d1/t/m1", QoS::AtLeastOnce, false, "hello").await.unwrap();
@@ -239,7 +239,7 @@ async fn rabbitmq_outage_loses_nothing() {
     let consumer = EventConsumer::bind(&url, &hub.config.rabbitmq.exchange_prefix, "p1", &queue).await;
     consumer.close().await; // The durable queue keeps collecting while nobody consumes.
 
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1", "p1/d1", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1", "p1/d1", &secret).await;
     let _driver = drive(eventloop);
     const TOTAL: usize = 150;
     let mut stop = None;
@@ -308,7 +308,7 @@ async fn starts_and_stores_events_without_redis() {
 
     hub.create_product("p1").await;
     let secret = hub.register("p1", "d1").await;
-    let (client, eventloop) = must_connect(hub.mqtt_addr, "d1", "p1/d1", &secret).await;
+    let (client, eventloop) = must_connect(hub.mqtt_addr, "p1/d1", "p1/d1", &secret).await;
     let driver = drive(eventloop);
     wait_online(&hub, "p1", "d1", true).await;
     let started = std::time::Instant::now();

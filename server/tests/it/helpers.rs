@@ -244,10 +244,22 @@ pub async fn mqtt_connect(
     username: &str,
     password: &str,
 ) -> Result<(AsyncClient, EventLoop), String> {
+    mqtt_connect_session(addr, client_id, username, password, true).await.map(|(c, e, _)| (c, e))
+}
+
+/// Like [`mqtt_connect`] with the session kind chosen (`clean = false`: a persistent session, as the reference
+/// IotHub SDK connects); also returns CONNACK's session-present flag.
+pub async fn mqtt_connect_session(
+    addr: SocketAddr,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    clean: bool,
+) -> Result<(AsyncClient, EventLoop, bool), String> {
     let mut opts = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
     opts.set_credentials(username, password);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
+    opts.set_clean_session(clean);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
     // Devices that answer at once must not wait for the broker's delayed ACK (Nagle).
     eventloop.network_options.set_tcp_nodelay(true);
@@ -258,7 +270,7 @@ pub async fn mqtt_connect(
             _ = &mut deadline => return Err("timeout waiting for CONNACK".into()),
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
-                    return Ok((client, eventloop))
+                    return Ok((client, eventloop, ack.session_present))
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => return Err(format!("{:?}", ack.code)),
                 Ok(_) => {}

@@ -83,12 +83,12 @@ async fn hook_contracts() {
         &hub,
         "/broker/emqx5/authn",
         &token,
-        json!({"clientid": "o1", "username": "svc.ops", "password": jwt}),
+        json!({"clientid": "svc.ops", "username": "svc.ops", "password": jwt}),
     )
     .await;
     assert_eq!(b["result"], "allow");
     assert_eq!(b["acl"], json!([{"permission": "allow", "action": "publish", "topic": "ops/#"}]), "{b}");
-    let sys = json!({"clientid": "o1", "username": "svc.ops", "topic": "$SYS/#", "action": "subscribe"});
+    let sys = json!({"clientid": "svc.ops", "username": "svc.ops", "topic": "$SYS/#", "action": "subscribe"});
     let (_, b) = post_json(&hub, "/broker/emqx5/authz", &token, sys).await;
     assert_eq!(b["result"], "deny", "a granted `ops/#` or wildcard never reaches $SYS");
 
@@ -103,11 +103,26 @@ async fn hook_contracts() {
     assert!(acl.iter().all(|r| r["permission"] == "allow"));
     let (_, b) = post_json(&hub, "/broker/emqx5/authn", &token, authn("wrong")).await;
     assert_eq!(b["result"], "deny");
-    // Non-device usernames without a valid token are left to EMQX's next authenticator (its JWT one).
-    let (_, b) =
-        post_json(&hub, "/broker/emqx5/authn", &token, json!({"clientid": "c", "username": "svc", "password": "x"}))
-            .await;
+    // Token identities whose token iothub cannot verify are left to EMQX's next authenticator (its JWT one);
+    // malformed identities and client ids bound to someone else are refused outright.
+    let (_, b) = post_json(
+        &hub,
+        "/broker/emqx5/authn",
+        &token,
+        json!({"clientid": "svc.x", "username": "svc.x", "password": "x"}),
+    )
+    .await;
     assert_eq!(b["result"], "ignore");
+    for (clientid, username) in [("svc", "svc"), ("p1/d1", "svc.ops"), ("svc.ops/%A", "svc.ops")] {
+        let (_, b) = post_json(
+            &hub,
+            "/broker/emqx5/authn",
+            &token,
+            json!({"clientid": clientid, "username": username, "password": jwt}),
+        )
+        .await;
+        assert_eq!(b["result"], "deny", "{clientid} {username}");
+    }
 
     // EMQX 5 authz.
     let authz = |topic: &str, action: &str| json!({"clientid": "p1/d1", "username": "p1/d1", "topic": topic, "action": action, "qos": "1", "retain": "false"});
@@ -158,5 +173,107 @@ async fn hook_contracts() {
     )
     .await;
     assert_eq!((s, b["result"].as_str()), (StatusCode::OK, Some("allow")));
+    hub.stop().await;
+}
+
+/// The identity rules (protocol/src/identity.rs) in every dialect's authn and authz: usernames or client ids
+/// carrying placeholders a broker plugin would expand, and client ids bound to another identity, are refused
+/// however the credential looks; the reference SDK's `{p}/{d}` and `{p}/{d}/{suffix}` are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_rules_hold_in_every_dialect() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p1").await;
+    hub.create_product("p2").await;
+    let secret = hub.register("p1", "d1").await;
+    hub.register("p1", "d2").await;
+    hub.register("p2", "d1").await;
+    let token = hub.state.hook_token.clone();
+
+    let mut cases: Vec<(String, String, bool)> =
+        vec![("p1/d1".into(), "p1/d1".into(), true), ("p1/d1/backup-2".into(), "p1/d1".into(), true)];
+    for foreign in ["p1/d2", "p2/d1", "p1/d1-b", "p1.d1", "x", "p1/d1/", "p1/d1/a/b"] {
+        cases.push((foreign.into(), "p1/d1".into(), false));
+    }
+    for placeholder in ["%u", "%c", "%A", "%a", "%p", "%P", "%r", "%C", "%d", "%t", "${username}", "${clientid}"] {
+        let username = format!("p1/d1{placeholder}");
+        cases.push((username.clone(), username, false));
+        cases.push((format!("p1/d1/{placeholder}"), "p1/d1".into(), false));
+    }
+    for (clientid, username, allowed) in &cases {
+        let what = format!("clientid {clientid:?} username {username:?}");
+        let creds = json!({"clientid": clientid, "username": username, "password": secret});
+        let (_, b) = post_json(&hub, "/broker/emqx5/authn", &token, creds.clone()).await;
+        assert_eq!(b["result"], if *allowed { "allow" } else { "deny" }, "EMQX 5 authn, {what}");
+        let (_, b) = post_json(&hub, "/broker/rmqtt/auth", &token, creds).await;
+        assert_eq!(b["result"], if *allowed { "allow" } else { "deny" }, "RMQTT authn, {what}");
+        let form = [("clientid", clientid.as_str()), ("username", username.as_str()), ("password", secret.as_str())];
+        let status = post_form(&hub, "/broker/emqx4/auth", &token, &form).await;
+        assert_eq!(status, if *allowed { StatusCode::OK } else { StatusCode::UNAUTHORIZED }, "EMQX 4 auth, {what}");
+
+        // Authz decides on its own too: a broker that rewrote the identity after CONNECT reaches nothing.
+        let topic = "cmd/p1/d1/+/+/+/#";
+        let (_, b) = post_json(
+            &hub,
+            "/broker/emqx5/authz",
+            &token,
+            json!({"clientid": clientid, "username": username, "topic": topic, "action": "subscribe"}),
+        )
+        .await;
+        assert_eq!(b["result"], if *allowed { "allow" } else { "deny" }, "EMQX 5 authz, {what}");
+        let acl = [("access", "1"), ("clientid", clientid.as_str()), ("username", username.as_str()), ("topic", topic)];
+        let status = post_form(&hub, "/broker/emqx4/acl", &token, &acl).await;
+        assert_eq!(status, if *allowed { StatusCode::OK } else { StatusCode::FORBIDDEN }, "EMQX 4 acl, {what}");
+        let (_, b) = post_json(
+            &hub,
+            "/broker/rmqtt/acl",
+            &token,
+            json!({"access": "1", "clientid": clientid, "username": username, "topic": topic}),
+        )
+        .await;
+        assert_eq!(b["result"], if *allowed { "allow" } else { "deny" }, "RMQTT acl, {what}");
+    }
+
+    // RMQTT: a device's whole ACL is decided in the broker (ending in a deny), so its acl hook, whose request
+    // placeholders an external RMQTT fills one after another, is never asked about a device.
+    let (_, b) = post_json(
+        &hub,
+        "/broker/rmqtt/auth",
+        &token,
+        json!({"clientid": "p1/d1", "username": "p1/d1", "password": secret}),
+    )
+    .await;
+    let rules = b["acl"].as_array().unwrap();
+    assert_eq!(rules.last().unwrap(), &json!({"permission": "deny", "action": "all", "topic": "#"}), "{b}");
+    assert!(rules.contains(&json!({"permission": "allow", "action": "subscribe", "topic": "eq cmd/p1/d1/+/+/+/#"})));
+    assert!(rules.iter().all(|r| !r["topic"].as_str().unwrap().contains('%')));
+
+    // Shared subscriptions: EMQX 5 authorizes the real filter (it strips `$share/{group}/` before asking);
+    // iothub strips it too when a broker (RMQTT) sends it whole, so both decide the same.
+    for (real, expect) in [
+        ("tags/p1/t1/cmd/+/+/+/#", "allow"),
+        ("m2m/p1/d1/+/+", "allow"),
+        ("cmd/p1/d2/+/+/+/#", "deny"),
+        ("tags/p2/t1/cmd/+/+/+/#", "deny"),
+        ("#", "deny"),
+    ] {
+        let (_, emqx) = post_json(
+            &hub,
+            "/broker/emqx5/authz",
+            &token,
+            json!({"clientid": "p1/d1", "username": "p1/d1", "topic": real, "action": "subscribe"}),
+        )
+        .await;
+        assert_eq!(emqx["result"], expect, "EMQX 5 on the real filter {real}");
+        for shared in [format!("$share/g1/{real}"), format!("$queue/{real}")] {
+            let (_, rmqtt) = post_json(
+                &hub,
+                "/broker/rmqtt/acl",
+                &token,
+                json!({"access": "1", "clientid": "p1/d1", "username": "p1/d1", "topic": shared}),
+            )
+            .await;
+            assert_eq!(rmqtt["result"], expect, "the whole {shared} decides like EMQX's real filter");
+        }
+    }
     hub.stop().await;
 }

@@ -5,6 +5,7 @@ mod helpers;
 mod broker_auth;
 mod cli;
 mod commands;
+mod device_boundary;
 mod emqx_postgres;
 mod events;
 mod hook_contracts;

@@ -183,88 +183,114 @@ impl Api {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_behind_a_load_balancer_stay_consistent() {
-    let db = TestDatabase::create().await;
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let (key_prefix, exchange_prefix) = (format!("t{tag}:"), format!("t{tag}.events"));
-    let (port_a, port_b) = (free_port(), free_port());
-    let lb =
-        start_load_balancer(vec![format!("http://127.0.0.1:{port_a}"), format!("http://127.0.0.1:{port_b}")]).await;
+/// Two `iothub serve` processes behind the load balancer, sharing PostgreSQL, Redis, RabbitMQ and the broker
+/// bundled in A (whose hooks go to the load balancer).
+struct Cluster {
+    a: HubProcess,
+    b: HubProcess,
+    /// B's port and environment, to start it again after a restart.
+    port_b: u16,
+    b_env: Vec<(String, String)>,
+    api: Api,
+    mqtt: SocketAddr,
+    exchange_prefix: String,
+    _db: TestDatabase,
+    _secrets: tempfile::TempDir,
+}
 
-    // Secrets come from files, as from Docker/Kubernetes secrets.
-    let secrets = tempfile::tempdir().unwrap();
-    let secret_file = |name: &str, value: &str| {
-        let path = secrets.path().join(name);
-        std::fs::write(&path, format!("{value}\n")).unwrap();
-        path.display().to_string()
-    };
-    let hook_token_file = secret_file("hook_token", &format!("hook{tag}"));
-    let jwt_secret_file = secret_file("jwt_secret", &"j".repeat(40));
-    let database_url_file = secret_file("database_url", &db.url);
-    let broker_api_token = format!("api{tag}");
-    let (mqtt_port, broker_api_port) = (free_port(), free_port());
+impl Cluster {
+    async fn start() -> Self {
+        let db = TestDatabase::create().await;
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        let (key_prefix, exchange_prefix) = (format!("t{tag}:"), format!("t{tag}.events"));
+        let (port_a, port_b) = (free_port(), free_port());
+        let lb =
+            start_load_balancer(vec![format!("http://127.0.0.1:{port_a}"), format!("http://127.0.0.1:{port_b}")]).await;
 
-    let common: Vec<(String, String)> = [
-        ("IOTHUB_DATABASE__URL_FILE", database_url_file.as_str()),
-        ("IOTHUB_DATABASE__MIGRATE_ON_START", "false"),
-        ("IOTHUB_DATABASE__MAX_CONNECTIONS", "6"),
-        ("IOTHUB_REDIS__URL", &redis_url()),
-        ("IOTHUB_REDIS__KEY_PREFIX", &key_prefix),
-        ("IOTHUB_RABBITMQ__URL", &amqp_url()),
-        ("IOTHUB_RABBITMQ__EXCHANGE_PREFIX", &exchange_prefix),
-        ("IOTHUB_BROKER__HOOK_TOKEN_FILE", &hook_token_file),
-        ("IOTHUB_BROKER__API_KEY", &broker_api_token),
-        ("IOTHUB_AUTH__JWT_SECRET_FILE", &jwt_secret_file),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+        // Secrets come from files, as from Docker/Kubernetes secrets.
+        let secrets = tempfile::tempdir().unwrap();
+        let secret_file = |name: &str, value: &str| {
+            let path = secrets.path().join(name);
+            std::fs::write(&path, format!("{value}\n")).unwrap();
+            path.display().to_string()
+        };
+        let hook_token_file = secret_file("hook_token", &format!("hook{tag}"));
+        let jwt_secret_file = secret_file("jwt_secret", &"j".repeat(40));
+        let database_url_file = secret_file("database_url", &db.url);
+        let broker_api_token = format!("api{tag}");
+        let (mqtt_port, broker_api_port) = (free_port(), free_port());
 
-    // Migrations run once, before any instance starts (as the compose file's `migrate` service does).
-    let migrated = tokio::process::Command::new(iothub_binary())
-        .arg("migrate")
-        .env_clear()
-        .envs(common.iter().cloned())
-        .output()
-        .await
-        .unwrap();
-    assert!(migrated.status.success(), "iothub migrate: {}", String::from_utf8_lossy(&migrated.stderr));
+        let common: Vec<(String, String)> = [
+            ("IOTHUB_DATABASE__URL_FILE", database_url_file.as_str()),
+            ("IOTHUB_DATABASE__MIGRATE_ON_START", "false"),
+            ("IOTHUB_DATABASE__MAX_CONNECTIONS", "6"),
+            ("IOTHUB_REDIS__URL", &redis_url()),
+            ("IOTHUB_REDIS__KEY_PREFIX", &key_prefix),
+            ("IOTHUB_RABBITMQ__URL", &amqp_url()),
+            ("IOTHUB_RABBITMQ__EXCHANGE_PREFIX", &exchange_prefix),
+            ("IOTHUB_BROKER__HOOK_TOKEN_FILE", &hook_token_file),
+            ("IOTHUB_BROKER__API_KEY", &broker_api_token),
+            ("IOTHUB_AUTH__JWT_SECRET_FILE", &jwt_secret_file),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
 
-    let with = |extra: &[(&str, String)]| {
-        let mut env = common.clone();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        env
-    };
-    let a = HubProcess::spawn(
-        "A",
-        port_a,
-        &with(&[
-            ("IOTHUB_BROKER__KIND", "embedded".into()),
-            ("IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN", format!("127.0.0.1:{mqtt_port}")),
-            ("IOTHUB_BROKER__EMBEDDED__API_LISTEN", format!("127.0.0.1:{broker_api_port}")),
-            // The broker's hooks go to the load balancer, so they are spread over both instances.
-            ("IOTHUB_HTTP__PUBLIC_URL", format!("http://{lb}")),
-        ]),
-    )
-    .await;
-    let b = HubProcess::spawn(
-        "B",
-        port_b,
-        &with(&[
+        // Migrations run once, before any instance starts (as the compose file's `migrate` service does).
+        let migrated = tokio::process::Command::new(iothub_binary())
+            .arg("migrate")
+            .env_clear()
+            .envs(common.iter().cloned())
+            .output()
+            .await
+            .unwrap();
+        assert!(migrated.status.success(), "iothub migrate: {}", String::from_utf8_lossy(&migrated.stderr));
+
+        let with = |extra: &[(&str, String)]| {
+            let mut env = common.clone();
+            env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            env
+        };
+        let a = HubProcess::spawn(
+            "A",
+            port_a,
+            &with(&[
+                ("IOTHUB_BROKER__KIND", "embedded".into()),
+                ("IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN", format!("127.0.0.1:{mqtt_port}")),
+                ("IOTHUB_BROKER__EMBEDDED__API_LISTEN", format!("127.0.0.1:{broker_api_port}")),
+                // The broker's hooks go to the load balancer, so they are spread over both instances.
+                ("IOTHUB_HTTP__PUBLIC_URL", format!("http://{lb}")),
+            ]),
+        )
+        .await;
+        let b_env = with(&[
             ("IOTHUB_BROKER__KIND", "rmqtt".into()),
             ("IOTHUB_BROKER__API_URL", format!("http://127.0.0.1:{broker_api_port}")),
             ("IOTHUB_AUTH__BOOTSTRAP_ADMIN_KEY", "false".into()),
-        ]),
-    )
-    .await;
-    let admin_key = std::fs::read_to_string(a.data_dir().join("admin-api-key")).expect("bootstrap admin key");
-    let api = Api {
-        base: format!("http://{lb}"),
-        key: admin_key.trim().to_string(),
-        http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
-    };
-    let mqtt: SocketAddr = ([127, 0, 0, 1], mqtt_port).into();
+        ]);
+        let b = HubProcess::spawn("B", port_b, &b_env).await;
+        let admin_key = std::fs::read_to_string(a.data_dir().join("admin-api-key")).expect("bootstrap admin key");
+        let api = Api {
+            base: format!("http://{lb}"),
+            key: admin_key.trim().to_string(),
+            http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+        };
+        let mqtt: SocketAddr = ([127, 0, 0, 1], mqtt_port).into();
+        Self { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db: db, _secrets: secrets }
+    }
+
+    /// Stops B (SIGTERM) and starts it again with the same configuration.
+    async fn restart_b(self) -> Self {
+        let Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db, _secrets } = self;
+        b.terminate().await;
+        let b = HubProcess::spawn("B again", port_b, &b_env).await;
+        Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db, _secrets }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_behind_a_load_balancer_stay_consistent() {
+    let Cluster { a, b, api, mqtt, exchange_prefix, _db, _secrets, .. } = Cluster::start().await;
     let mut consumer = EventConsumer::bind(&amqp_url(), &exchange_prefix, "p", "").await;
 
     // Registration alternates between the instances; every device gets its own secret.
@@ -284,12 +310,12 @@ async fn two_instances_behind_a_load_balancer_stay_consistent() {
     let mut clients = Vec::new();
     let mut tasks = Vec::new();
     for d in &devices[..5] {
-        let (client, eventloop) = must_connect(mqtt, d, &format!("p/{d}"), &secrets_by_device[d]).await;
+        let (client, eventloop) = must_connect(mqtt, &format!("p/{d}"), &format!("p/{d}"), &secrets_by_device[d]).await;
         let (_inbox, task) = answering_device(client.clone(), eventloop, d);
         clients.push(client);
         tasks.push(task);
     }
-    let (leaver, leaver_loop) = must_connect(mqtt, "d5", "p/d5", &secrets_by_device["d5"]).await;
+    let (leaver, leaver_loop) = must_connect(mqtt, "p/d5", "p/d5", &secrets_by_device["d5"]).await;
     let leaver_task = drive(leaver_loop);
     eventually(Duration::from_secs(15), "6 devices online", || async {
         let (_, v) = api.call(Method::GET, "/products/p/devices?online=true", None).await;
@@ -352,7 +378,7 @@ async fn two_instances_behind_a_load_balancer_stay_consistent() {
         .await;
     assert_eq!((s, v["state"].as_str()), (StatusCode::CREATED, Some("queued")), "{v}");
     let request_id = v["request_id"].as_str().unwrap().to_string();
-    let (client5, loop5) = must_connect(mqtt, "d5", "p/d5", &secrets_by_device["d5"]).await;
+    let (client5, loop5) = must_connect(mqtt, "p/d5", "p/d5", &secrets_by_device["d5"]).await;
     let (inbox5, task5) = answering_device(client5.clone(), loop5, "d5");
     let command = eventually(Duration::from_secs(15), "queued command replied", || async {
         let (_, v) = api.call(Method::GET, &format!("/products/p/devices/d5/commands/{request_id}"), None).await;
@@ -403,4 +429,53 @@ async fn two_instances_behind_a_load_balancer_stay_consistent() {
     consumer.close().await;
     b.terminate().await;
     a.terminate().await;
+}
+
+/// A token client's ACL holds on whichever instance the broker's authz request reaches, and after an
+/// instance restarts: the broker asks about subscriptions without any credential, so the grant cannot live
+/// in the memory of the instance that answered the CONNECT (it did until the device-boundary work; then
+/// about half of these subscriptions were refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_clients_keep_their_acl_on_every_instance() {
+    let cluster = Cluster::start().await;
+    let (s, v) = cluster.api.call(Method::POST, "/products", Some(json!({"id": "p"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = cluster
+        .api
+        .call(
+            Method::POST,
+            "/tokens",
+            Some(json!({"username": "svc.monitor", "ttl_seconds": 600, "acl": [
+                {"permission": "allow", "action": "subscribe", "topic": "upload_data/p/#"},
+                {"permission": "allow", "action": "publish", "topic": "ops/p/announce"}
+            ]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+
+    let (client, mut eventloop) = must_connect(cluster.mqtt, "svc.monitor", "svc.monitor", &token).await;
+    // Each SUBSCRIBE is one authz request; the load balancer alternates them between A and B.
+    let mut subscribe = async |filter: &str| {
+        client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+        match wait_for(&mut eventloop, Duration::from_secs(10), |p| matches!(p, rumqttc::Packet::SubAck(_))).await {
+            Ok(rumqttc::Packet::SubAck(ack)) => matches!(ack.return_codes[0], rumqttc::SubscribeReasonCode::Success(_)),
+            other => panic!("no SUBACK for {filter}: {other:?}"),
+        }
+    };
+    for i in 0..6 {
+        assert!(subscribe(&format!("upload_data/p/d{i}/+/+")).await, "allowed filter {i} refused");
+    }
+    assert!(!subscribe("upload_data/#").await, "wider than the grant");
+    assert!(!subscribe("cmd/p/d0/+/+/+/#").await, "outside the grant");
+
+    // B restarts (A holds the broker): the grant was stored, not kept in memory.
+    let cluster = cluster.restart_b().await;
+    for i in 0..6 {
+        assert!(subscribe(&format!("upload_data/p/e{i}/+/+")).await, "allowed filter {i} refused after a restart");
+    }
+    assert!(!subscribe("update_status/p/+/+").await, "outside the grant after a restart");
+    drop(client);
+    cluster.b.terminate().await;
+    cluster.a.terminate().await;
 }

@@ -1,0 +1,177 @@
+//! What an MQTT identity (username + client id) may look like, decided before anything interprets it.
+//!
+//! Brokers hand the username and client id to plugins that treat some characters as syntax: RMQTT's
+//! auth-http substitutes `%u`, `%c`, `%A`, `%t`, … one after another in the same string, so a username
+//! `P/d4%A` is `P/d4` at CONNECT and `P/d41` when a subscription is checked; EMQX reads `${…}` templates and an
+//! `eq ` prefix in ACL topics. And brokers key sessions by client id alone, so whoever may pick any client
+//! id may take over (or kick) another client's session. This module is the one place that says which
+//! identities exist; iothub's authn (every dialect), the bundled broker's own pre-authentication hook and the
+//! device SDK all use it.
+//!
+//! - **Usernames** are device-shaped, `{ProductId}/{DeviceId}` in the id alphabet, or token-shaped: 1–128
+//!   printable ASCII characters with a `.`, `:` or `@` (which ids never contain, so a token can never be a
+//!   device or a product) and none of `/ + # $ % { }`, whitespace or control characters.
+//! - **Client ids are derived from the username**: the username itself, or `{username}/{suffix}` with a
+//!   suffix in the id alphabet (the reference IotHub SDK's `{p}/{d}` and `{p}/{d}/{suffix}`). A client id
+//!   therefore names exactly one identity: no device can take over, kick or inherit another device's (or a
+//!   token client's) session, whichever broker or instance answers, without any state.
+
+use crate::ids::{validate_id, DeviceRef};
+
+/// Longest username accepted: a device's is at most 129 characters (two ids and a `/`).
+pub const MAX_USERNAME_LEN: usize = 129;
+/// Longest token username (the `username` claim of a minted token).
+pub const MAX_TOKEN_USERNAME_LEN: usize = 128;
+/// Longest client id: the longest username, `/`, and a suffix of at most 64 characters. Below the 23 bytes
+/// MQTT 3.1 guarantees only in spirit; every broker iothub supports accepts 65535.
+pub const MAX_CLIENT_ID_LEN: usize = MAX_USERNAME_LEN + 1 + crate::ids::MAX_ID_LEN;
+
+/// Who a well-formed username says the client is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Device(DeviceRef),
+    /// A client holding a token from `POST /api/v1/tokens`; the string is its username.
+    Token(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("username is neither a device ({{product}}/{{device}}) nor a token username")]
+    MalformedUsername,
+    #[error("client id must be the username or {{username}}/{{suffix}} with a suffix of [A-Za-z0-9_-]{{1,64}}")]
+    ClientIdNotBound,
+}
+
+impl IdentityError {
+    /// A short, stable reason for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityError::MalformedUsername => "malformed username",
+            IdentityError::ClientIdNotBound => "client id not bound to the username",
+        }
+    }
+}
+
+/// Is `name` acceptable as a token client's username? (Also checked when a token is minted.)
+pub fn is_token_username(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_TOKEN_USERNAME_LEN
+        && name.bytes().all(|b| b.is_ascii_graphic() && !b"/+#$%{}\\\"'".contains(&b))
+        && name.contains(['.', ':', '@'])
+}
+
+/// Classifies a username; anything that is neither device- nor token-shaped is refused.
+pub fn parse_username(username: &str) -> Result<Principal, IdentityError> {
+    if username.len() > MAX_USERNAME_LEN {
+        return Err(IdentityError::MalformedUsername);
+    }
+    if let Some(device) = DeviceRef::from_broker_username(username) {
+        return Ok(Principal::Device(device));
+    }
+    if is_token_username(username) {
+        return Ok(Principal::Token(username.to_string()));
+    }
+    Err(IdentityError::MalformedUsername)
+}
+
+/// Is `client_id` one of the client ids `username` may use (`{username}` or `{username}/{suffix}`)?
+pub fn client_id_is_bound(username: &str, client_id: &str) -> bool {
+    if client_id.len() > MAX_CLIENT_ID_LEN {
+        return false;
+    }
+    match client_id.strip_prefix(username) {
+        Some("") => true,
+        Some(rest) => rest.strip_prefix('/').is_some_and(|suffix| validate_id(suffix).is_ok()),
+        None => false,
+    }
+}
+
+/// The whole CONNECT-time identity check: a well-formed username and a client id bound to it.
+pub fn check_identity(username: &str, client_id: &str) -> Result<Principal, IdentityError> {
+    let principal = parse_username(username)?;
+    if !client_id_is_bound(username, client_id) {
+        return Err(IdentityError::ClientIdNotBound);
+    }
+    Ok(principal)
+}
+
+/// The client id a device connects with: `{p}/{d}`, or `{p}/{d}/{suffix}` for a further connection.
+pub fn device_client_id(device: &DeviceRef, suffix: Option<&str>) -> String {
+    match suffix {
+        Some(s) => format!("{}/{s}", device.broker_username()),
+        None => device.broker_username(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn placeholder_usernames_are_refused() {
+        for placeholder in ["%u", "%c", "%A", "%a", "%p", "%P", "%r", "%C", "%d", "%t", "${username}", "${clientid}"] {
+            let username = format!("p/d4{placeholder}");
+            assert_eq!(parse_username(&username), Err(IdentityError::MalformedUsername), "{username}");
+            assert_eq!(parse_username(&format!("svc.x{placeholder}")), Err(IdentityError::MalformedUsername));
+            assert_eq!(check_identity("p/d4", &username), Err(IdentityError::ClientIdNotBound), "{username}");
+        }
+        for bad in ["", "p", "p/", "/d", "p/d/x", "p d/x", "svc", "svc.a/b", "svc.a b", "svc.\u{7f}", "é.x", "a.\n"] {
+            assert_eq!(parse_username(bad), Err(IdentityError::MalformedUsername), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn client_ids_are_derived_from_the_username() {
+        assert_eq!(
+            check_identity("p1/d1", "p1/d1"),
+            Ok(Principal::Device(DeviceRef::from_broker_username("p1/d1").unwrap()))
+        );
+        assert!(check_identity("p1/d1", "p1/d1/backup-2").is_ok());
+        assert!(check_identity("svc.billing", "svc.billing").is_ok());
+        assert!(check_identity("svc.billing", "svc.billing/worker_3").is_ok());
+        for (username, client_id) in [
+            ("p1/d1", "p1/d2"),     // another device's session
+            ("p1/d1", "p1/d1-b"),   // device d1-b's session
+            ("p1/d1", "p2/d1"),     // another product's device
+            ("p1/d1", "p1/d1/"),    // empty suffix
+            ("p1/d1", "p1/d1/a/b"), // nested suffix
+            ("p1/d1", "p1/d1/%A"),  // placeholder in the suffix
+            ("p1/d1", "p1.d1"),     // the old SDK's id
+            ("p1/d1", "x"),
+            ("p1/d1", ""),
+            ("svc.a", "p1/d1"), // a token taking a device's session
+            ("svc.a", "svc.ab"),
+        ] {
+            assert_eq!(
+                check_identity(username, client_id),
+                Err(IdentityError::ClientIdNotBound),
+                "{username} {client_id}"
+            );
+        }
+        let long = format!("p1/d1/{}", "a".repeat(65));
+        assert!(check_identity("p1/d1", &long).is_err());
+    }
+
+    proptest! {
+        /// No two distinct usernames can share a client id: the client id decides the username.
+        #[test]
+        fn a_client_id_belongs_to_one_username(u1 in "[a-z.:@/0-9]{1,12}", u2 in "[a-z.:@/0-9]{1,12}", c in "[a-z.:@/0-9]{1,20}") {
+            if check_identity(&u1, &c).is_ok() && check_identity(&u2, &c).is_ok() {
+                prop_assert_eq!(u1, u2);
+            }
+        }
+
+        /// Whatever passes carries nothing a broker's request template could reinterpret.
+        #[test]
+        fn accepted_identities_hold_no_template_syntax(u in "\\PC{0,40}", c in "\\PC{0,60}") {
+            if check_identity(&u, &c).is_ok() {
+                for s in [&u, &c] {
+                    let template_syntax = ['%', '$', '{', '}', '+', '#'];
+                    prop_assert!(!s.contains(template_syntax), "{:?}", s);
+                    prop_assert!(s.bytes().all(|b| b.is_ascii_graphic()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The device boundary, attacked the way a device holding valid credentials would: with a stock MQTT client
+//! against the real bundled broker (RMQTT), whose plugins ask iothub for every decision.
+//!
+//! Each test here reproduced a leak before the identity rules (protocol/src/identity.rs) existed: a username
+//! with an RMQTT placeholder (`p/d4%A`) was `p/d4` at CONNECT and `p/d41` when its subscription to d41's
+//! commands was checked; and any device could pick a victim's client id and inherit (or keep kicking) its
+//! session. docs/architecture.md ("Threat model") lists which test proves which line.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use rumqttc::QoS;
+use serde_json::json;
+
+use crate::both_backends;
+use crate::commands::answering_device;
+use crate::helpers::*;
+
+/// Placeholders of RMQTT's auth-http (`%u %c %a %P %r %A %t`), others brokers or templates use, and EMQX's.
+const PLACEHOLDERS: &[&str] =
+    &["%u", "%c", "%A", "%a", "%p", "%P", "%r", "%C", "%d", "%t", "%i", "${username}", "${clientid}"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_identities_are_refused_at_connect() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p").await;
+    let s4 = hub.register("p", "d4").await;
+    hub.register("p", "d41").await;
+    hub.register("p", "d42").await;
+    let mqtt = hub.mqtt_addr;
+    for placeholder in PLACEHOLDERS {
+        let username = format!("p/d4{placeholder}");
+        must_be_refused(mqtt, &username, &username, &s4).await;
+        must_be_refused(mqtt, "p/d4", &username, &s4).await;
+        must_be_refused(mqtt, &format!("p/d4/{placeholder}"), "p/d4", &s4).await;
+        // The product level too (`p%A/d4` would become product `p1`'s device at ACL time).
+        let product_level = format!("p{placeholder}/d4");
+        must_be_refused(mqtt, &product_level, &product_level, &s4).await;
+    }
+
+    // The reproduction of the report, with mosquitto's own client: never a CONNACK, never d41's commands.
+    let out = tokio::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt.port().to_string(), "-V", "mqttv311", "-i", "p/d4%A", "-u", "p/d4%A"])
+        .args(["-P", &s4, "-t", "cmd/p/d41/+/+/+/#", "-C", "1", "-W", "5"])
+        .output()
+        .await
+        .expect("mosquitto_sub (Debian's mosquitto-clients, installed by scripts/test.sh)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mosquitto_sub got through: {stderr}");
+    assert!(stderr.contains("not authori"), "refused at CONNECT: {stderr}");
+
+    // The device itself, with its own identity, is unaffected.
+    must_connect(mqtt, "p/d4", "p/d4", &s4).await;
+    hub.stop().await;
+}
+
+both_backends!(no_device_takes_over_another_devices_session, no_device_takes_over_another_devices_session);
+async fn no_device_takes_over_another_devices_session(db: Db) {
+    let hub = TestHub::start(db).await;
+    hub.create_product("p1").await;
+    hub.create_product("p2").await;
+    let victim_secret = hub.register("p1", "d1").await;
+    let same_product = hub.register("p1", "d2").await;
+    let other_product = hub.register("p2", "d1").await;
+    let mqtt = hub.mqtt_addr;
+
+    // The victim connects as the reference SDK does: client id `{p}/{d}`, persistent session.
+    let (client, eventloop, _) = mqtt_connect_session(mqtt, "p1/d1", "p1/d1", &victim_secret, false).await.unwrap();
+    let (inbox, victim) = answering_device(client, eventloop, "d1");
+    wait_online(&hub, "p1", "d1").await;
+
+    for (username, secret) in [("p1/d2", &same_product), ("p2/d1", &other_product)] {
+        for clean in [false, true] {
+            let attempt = mqtt_connect_session(mqtt, "p1/d1", username, secret, clean).await;
+            let why = attempt.err().unwrap_or_else(|| panic!("{username} (clean {clean}) took p1/d1's session"));
+            assert!(!why.contains("timeout"), "{username}: no answer from the broker ({why})");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!victim.is_finished(), "the victim was disconnected");
+
+    // The victim still gets (and answers) its commands; nobody else does.
+    let (s, v) =
+        hub.call(Method::POST, "/api/v1/products/p1/devices/d1/commands", Some(json!({"name": "reboot"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let request_id = v["request_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(15), "the victim's reply", || async {
+        let (_, c) =
+            hub.call(Method::GET, &format!("/api/v1/products/p1/devices/d1/commands/{request_id}"), None).await;
+        (c["state"] == "replied").then_some(())
+    })
+    .await;
+    assert!(inbox.lock().unwrap().iter().any(|(topic, _)| topic.contains(&request_id)));
+    victim.abort();
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_sdk_client_ids_resume_their_own_session() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p1").await;
+    let secret = hub.register("p1", "d1").await;
+    let mqtt = hub.mqtt_addr;
+
+    let (client, eventloop, present) = mqtt_connect_session(mqtt, "p1/d1", "p1/d1", &secret, false).await.unwrap();
+    assert!(!present, "a first connect has no session to resume");
+    let driver = drive(eventloop);
+    client.subscribe("tags/p1/t1/cmd/+/+/+/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.disconnect().await.unwrap();
+    let _ = driver.await;
+    let (_c, _e, present) = mqtt_connect_session(mqtt, "p1/d1", "p1/d1", &secret, false).await.unwrap();
+    assert!(present, "the device resumes its own persistent session");
+    // A second connection of the same device, as the reference SDK names it.
+    let (_c2, _e2, _) = mqtt_connect_session(mqtt, "p1/d1/backup", "p1/d1", &secret, true).await.unwrap();
+    hub.stop().await;
+}
+
+async fn wait_online(hub: &TestHub, p: &str, d: &str) {
+    eventually(Duration::from_secs(10), "device online", || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}"), None).await;
+        (v["online"] == true).then_some(())
+    })
+    .await;
+}
