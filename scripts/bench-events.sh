@@ -35,7 +35,7 @@ port=${BENCH_HTTP_PORT:-18190}
 export IOTHUB_DATA_DIR="$work" IOTHUB_DATABASE__URL="$PG_URL" IOTHUB_DATABASE__MAX_CONNECTIONS=${DB_CONNECTIONS:-16}
 export IOTHUB_REDIS__URL="$REDIS_URL" IOTHUB_RABBITMQ__URL="$AMQP_URL"
 export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token IOTHUB_LOG__LEVEL=warn
-export IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
+export IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN= IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
 # HUB_BIN runs another build of the server (A/B comparisons in one sitting: the machine drifts).
 "${HUB_BIN:-./target/release/iothub}" serve & hub_pid=$!
 for _ in $(seq 150); do

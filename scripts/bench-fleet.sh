@@ -33,7 +33,7 @@ trap cleanup EXIT
 port=${BENCH_HTTP_PORT:-18390}
 mqtt=127.0.0.1:$((port + 2))
 IOTHUB_DATA_DIR="$work" IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_LOG__LEVEL=warn \
-  IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=$mqtt IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1)) \
+  IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN= IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=$mqtt IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1)) \
   ./target/release/iothub serve & hub_pid=$!
 for _ in $(seq 150); do
   ./target/release/iothub healthcheck --ready --url "http://127.0.0.1:$port" >/dev/null 2>&1 && break

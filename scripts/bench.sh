@@ -25,7 +25,7 @@ trap cleanup EXIT
 export IOTHUB_DATA_DIR="$work" IOTHUB_DATABASE__URL="$PG_URL" IOTHUB_DATABASE__MAX_CONNECTIONS=${DB_CONNECTIONS:-16}
 port=${BENCH_HTTP_PORT:-18180}
 export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token IOTHUB_LOG__LEVEL=warn
-export IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
+export IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN= IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
 ./target/release/iothub serve & hub_pid=$!
 for _ in $(seq 150); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break

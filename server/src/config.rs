@@ -107,8 +107,31 @@ pub struct BrokerConfig {
 pub struct EmbeddedBrokerConfig {
     /// MQTT TCP listener for devices.
     pub mqtt_listen: SocketAddr,
+    /// MQTTS (MQTT over TLS) listener for devices, e.g. `0.0.0.0:8883`; empty: no TLS listener.
+    pub mqtts_listen: String,
+    /// PEM certificate chain of the MQTTS listener. Empty (with `tls_key_file` empty): a self-signed pair is
+    /// generated on first start into `{data_dir}/tls/` and reused after; its SHA-256 fingerprint is logged.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Extra DNS names or IP addresses the generated certificate is valid for (`localhost`, `127.0.0.1` and
+    /// `::1` always are). Only read when the pair is generated.
+    pub tls_hostnames: Vec<String>,
     /// RMQTT http-api listener (publish, kick); loopback only.
     pub api_listen: SocketAddr,
+}
+
+impl EmbeddedBrokerConfig {
+    /// The MQTTS listen address, or `None` when TLS is off.
+    pub fn mqtts_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.mqtts_listen.trim().is_empty() {
+            return Ok(None);
+        }
+        let addr = self.mqtts_listen.trim().parse().map_err(|e| {
+            anyhow::anyhow!("broker.embedded.mqtts_listen: {e} (an address such as 0.0.0.0:8883, or empty for none)")
+        })?;
+        Ok(Some(addr))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -298,6 +321,10 @@ impl Default for EmbeddedBrokerConfig {
     fn default() -> Self {
         Self {
             mqtt_listen: "0.0.0.0:1883".parse().expect("static addr"),
+            mqtts_listen: "0.0.0.0:8883".into(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_hostnames: Vec::new(),
             api_listen: "127.0.0.1:6060".parse().expect("static addr"),
         }
     }
@@ -384,6 +411,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.broker.kind == BrokerKind::Embedded {
+            self.broker.embedded.mqtts_addr()?;
+            anyhow::ensure!(
+                self.broker.embedded.tls_cert_file.is_empty() == self.broker.embedded.tls_key_file.is_empty(),
+                "broker.embedded.tls_cert_file and tls_key_file go together (both empty: a generated self-signed pair)"
+            );
+        }
         if self.broker.kind != BrokerKind::Embedded {
             anyhow::ensure!(!self.broker.hook_token.is_empty(), "broker.hook_token is required for an external broker");
             anyhow::ensure!(!self.broker.api_url.is_empty(), "broker.api_url is required for an external broker");

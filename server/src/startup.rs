@@ -170,8 +170,22 @@ impl Application {
                 let hooks_url = config.http.public_url.clone().unwrap_or_else(|| loopback_url(http_addr));
                 let api_token =
                     if config.broker.api_key.is_empty() { random_token() } else { config.broker.api_key.clone() };
+                let embedded_cfg = &config.broker.embedded;
+                let tls = match embedded_cfg.mqtts_addr()? {
+                    Some(addr) => Some((
+                        addr,
+                        crate::adapters::broker_tls::ensure(
+                            &config.data_dir,
+                            &embedded_cfg.tls_cert_file,
+                            &embedded_cfg.tls_key_file,
+                            &embedded_cfg.tls_hostnames,
+                        )?,
+                    )),
+                    None => None,
+                };
                 let embedded = EmbeddedBroker::start(EmbeddedBrokerSettings {
                     mqtt_listen: config.broker.embedded.mqtt_listen,
+                    tls,
                     api_listen: config.broker.embedded.api_listen,
                     hooks_base_url: hooks_url,
                     hook_token: hook_token.clone(),
@@ -311,6 +325,11 @@ impl Application {
     /// Where devices connect, when the broker is the embedded one.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.embedded.as_ref().map(EmbeddedBroker::mqtt_addr)
+    }
+
+    /// The bundled broker's MQTTS address, when it has a TLS listener.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.embedded.as_ref().and_then(EmbeddedBroker::mqtts_addr)
     }
 
     pub fn state(&self) -> SharedState {

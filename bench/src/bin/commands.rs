@@ -563,6 +563,7 @@ async fn floor(args: &Args, devices: &[(String, String)], database_url: &str, am
     let api_token = uuid::Uuid::new_v4().to_string();
     let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
         mqtt_listen: "127.0.0.1:0".parse()?,
+        tls: None,
         api_listen,
         hooks_base_url: sink,
         hook_token: uuid::Uuid::new_v4().to_string(),

@@ -10,6 +10,8 @@
 //!   "ignore" answers, non-2xx statuses and transport errors) is refused: fail-closed;
 //! - `rmqtt-http-api` (loopback, bearer token) is what iothub's broker adapter publishes and kicks through;
 //! - `rmqtt-web-hook` carries broker events to iothub; `rmqtt-retainer` keeps retained messages in memory;
+//! - an optional MQTTS listener serves the operator's certificate or a generated self-signed one
+//!   ([`crate::adapters::broker_tls`]);
 //! - `rmqtt-auto-subscription` subscribes each device to its command, RPC and M2M topics on connect.
 //!
 //! RMQTT has no stop API (its server loop and several plugins run forever), so each broker gets its own
@@ -29,6 +31,8 @@ use rmqtt::types::Id;
 
 pub struct EmbeddedBrokerSettings {
     pub mqtt_listen: SocketAddr,
+    /// MQTTS listener and the certificate it serves; `None`: plain MQTT only.
+    pub tls: Option<(SocketAddr, crate::adapters::broker_tls::TlsFiles)>,
     pub api_listen: SocketAddr,
     /// Base URL of this iothub instance's hooks, e.g. `http://127.0.0.1:8080`.
     pub hooks_base_url: String,
@@ -127,6 +131,7 @@ pub struct EmbeddedBroker {
     scx: ServerContext,
     server_task: Option<tokio::task::JoinHandle<()>>,
     mqtt_addr: SocketAddr,
+    mqtts_addr: Option<SocketAddr>,
     /// Keeps the `$`-topic forwarder registered for the broker's lifetime.
     _dollar_hooks: Box<dyn rmqtt::hook::Register>,
 }
@@ -142,6 +147,7 @@ impl EmbeddedBroker {
         let configs = plugin_configs(&settings)?;
         let webhook_url = hook_url(&settings.hooks_base_url, "/broker/rmqtt/webhook", Some(&settings.hook_token))?;
         let mqtt_listen = settings.mqtt_listen;
+        let tls = settings.tls.clone();
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rmqtt").enable_all().build()?;
         let boot = runtime.spawn(async move {
@@ -187,22 +193,44 @@ impl EmbeddedBroker {
                 .and_then(|l| l.tcp())
                 .map_err(|e| anyhow!("binding MQTT listener {mqtt_listen}: {e}"))?;
             let bound = listener.local_addr().map_err(|e| anyhow!("{e}"))?;
-            let server = MqttServer::new(scx.clone()).listener_by_id(listener, 1).build();
+            let mut server = MqttServer::new(scx.clone()).listener_by_id(listener, 1);
+            let mut tls_bound = None;
+            if let Some((addr, files)) = tls {
+                let listener = Builder::new()
+                    .name("external/tls")
+                    .laddr(addr)
+                    .allow_anonymous(false)
+                    .reuseaddr(Some(true))
+                    .nodelay(true)
+                    .tls_cert(Some(files.cert.display().to_string()))
+                    .tls_key(Some(files.key.display().to_string()))
+                    .bind()
+                    .and_then(|l| l.tls())
+                    .map_err(|e| anyhow!("binding MQTTS listener {addr}: {e:#}"))?;
+                tls_bound = Some(listener.local_addr().map_err(|e| anyhow!("{e}"))?);
+                server = server.listener_by_id(listener, 2);
+            }
+            let server = server.build();
             let task = tokio::spawn(async move {
                 if let Err(e) = server.run().await {
                     tracing::error!(error = %e, "embedded MQTT server stopped");
                 }
             });
-            anyhow::Ok((scx, task, bound, dollar_hooks))
+            anyhow::Ok((scx, task, bound, tls_bound, dollar_hooks))
         });
         match boot.await {
-            Ok(Ok((scx, task, bound, dollar_hooks))) => {
+            Ok(Ok((scx, task, bound, tls_bound, dollar_hooks))) => {
                 tracing::info!(mqtt = %bound, "embedded MQTT broker listening");
+                if let (Some(addr), Some((_, files))) = (tls_bound, &settings.tls) {
+                    tracing::info!(mqtts = %addr, cert = %files.cert.display(), sha256 = %files.fingerprint,
+                        "embedded MQTT broker listening for TLS");
+                }
                 Ok(Self {
                     runtime: Some(runtime),
                     scx,
                     server_task: Some(task),
                     mqtt_addr: bound,
+                    mqtts_addr: tls_bound,
                     _dollar_hooks: dollar_hooks,
                 })
             }
@@ -219,6 +247,11 @@ impl EmbeddedBroker {
 
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// Where the MQTTS listener is bound, when TLS is on.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.mqtts_addr
     }
 
     /// Closes the listener, disconnects every client (so they see a clean kick and reconnect elsewhere),
@@ -259,6 +292,7 @@ mod tests {
     fn web_hook_rules_match_the_published_config() {
         let settings = EmbeddedBrokerSettings {
             mqtt_listen: "127.0.0.1:1883".parse().unwrap(),
+            tls: None,
             api_listen: "127.0.0.1:6060".parse().unwrap(),
             hooks_base_url: "http://127.0.0.1:8080".into(),
             hook_token: "t".into(),
@@ -284,5 +318,32 @@ mod tests {
         };
         assert_eq!(entries(auto), entries(&published));
         assert_eq!(entries(auto).len(), crate::topics::AUTO_SUBSCRIPTIONS.len());
+    }
+
+    /// The fail-closed settings published for an external RMQTT are the ones the bundled broker runs with.
+    #[test]
+    fn auth_and_acl_settings_match_the_published_config() {
+        let settings = EmbeddedBrokerSettings {
+            mqtt_listen: "127.0.0.1:1883".parse().unwrap(),
+            tls: None,
+            api_listen: "127.0.0.1:6060".parse().unwrap(),
+            hooks_base_url: "http://127.0.0.1:8080".into(),
+            hook_token: "t".into(),
+            api_token: "a".into(),
+        };
+        let configs = plugin_configs(&settings).unwrap();
+        for (plugin, file, expected_lines) in
+            [("rmqtt-auth-http", "rmqtt-auth-http.toml", 6), ("rmqtt-acl", "rmqtt-acl.toml", 2)]
+        {
+            let (_, generated) = configs.iter().find(|(name, _)| *name == plugin).unwrap();
+            let path = format!("{}/../emqx-config/{file}", env!("CARGO_MANIFEST_DIR"));
+            let published = std::fs::read_to_string(path).unwrap();
+            let (_, checked) = published.split_once("## --- checked ---").expect("a checked section");
+            let lines: Vec<&str> = checked.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).collect();
+            assert_eq!(lines.len(), expected_lines, "{file}");
+            for line in lines {
+                assert!(generated.lines().any(|g| g == line), "{plugin} runs without `{line}` of {file}");
+            }
+        }
     }
 }

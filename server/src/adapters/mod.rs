@@ -12,6 +12,7 @@
 //! - `redis_replies` / `memory_replies`: the [`ReplyHub`](crate::ports::replies::ReplyHub) RPC callers wait on.
 
 pub mod broker_http;
+pub mod broker_tls;
 pub mod command_log;
 pub mod embedded_broker;
 pub mod memory_bus;

@@ -123,3 +123,52 @@ async fn wait_online(hub: &TestHub, p: &str, d: &str) {
     })
     .await;
 }
+
+/// Devices connect with `mqtts` on the embedded default, as the reference SDK does: mosquitto's own client,
+/// verifying the broker's generated certificate against the file iothub wrote, publishes data that is
+/// stored; a client trusting another CA, or speaking plain MQTT to the TLS port, gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_over_tls_with_a_verified_certificate() {
+    let hub = TestHub::start(Db::Sqlite).await;
+    hub.create_product("p1").await;
+    let secret = hub.register("p1", "d1").await;
+    let mqtts = hub.mqtts_addr.expect("the embedded default has an MQTTS listener");
+    let cafile = hub.config.data_dir.join("tls/broker-cert.pem");
+    assert!(cafile.exists(), "the generated certificate is written to the data directory");
+
+    let publish = |cafile: std::path::PathBuf, port: u16| {
+        let secret = secret.clone();
+        async move {
+            tokio::process::Command::new("mosquitto_pub")
+                .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
+                .arg(cafile)
+                .args(["-i", "p1/d1", "-u", "p1/d1", "-P", &secret, "-q", "1"])
+                .args(["-t", "upload_data/p1/d1/temp/tls-1", "-m", "21.5"])
+                .output()
+                .await
+                .expect("mosquitto_pub (Debian's mosquitto-clients, installed by scripts/test.sh)")
+        }
+    };
+    let out = publish(cafile.clone(), mqtts.port()).await;
+    assert!(out.status.success(), "mosquitto_pub over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    eventually(Duration::from_secs(10), "the message sent over TLS stored", || async {
+        let (_, v) = hub.call(Method::GET, "/api/v1/products/p1/devices/d1/messages", None).await;
+        v["items"].as_array().is_some_and(|items| items.iter().any(|m| m["message_id"] == "tls-1")).then_some(())
+    })
+    .await;
+
+    // Another CA: the certificate does not verify, nothing is sent.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = other.path().join("other.pem");
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(&other_ca, stranger.cert.pem()).unwrap();
+    let out = publish(other_ca, mqtts.port()).await;
+    assert!(!out.status.success(), "a certificate from another CA was accepted");
+    // Plain MQTT to the TLS port is no MQTT connection either.
+    must_be_refused_or_dropped(mqtts, "p1/d1", "p1/d1", &secret).await;
+    hub.stop().await;
+}
+
+async fn must_be_refused_or_dropped(addr: std::net::SocketAddr, client_id: &str, username: &str, password: &str) {
+    assert!(mqtt_connect(addr, client_id, username, password).await.is_err(), "plain MQTT on the TLS port");
+}

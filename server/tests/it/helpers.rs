@@ -73,6 +73,8 @@ pub struct TestHub {
     pub http: reqwest::Client,
     pub admin_key: String,
     pub mqtt_addr: SocketAddr,
+    /// The bundled broker's MQTTS listener (its certificate is in `{data_dir}/tls/`).
+    pub mqtts_addr: Option<SocketAddr>,
     pub state: iothub::api::SharedState,
     pub config: Config,
     shutdown: Option<oneshot::Sender<()>>,
@@ -92,6 +94,7 @@ impl TestHub {
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         config.log.level = "warn".into();
         config.broker.embedded.mqtt_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.broker.embedded.mqtts_listen = "127.0.0.1:0".into();
         config.broker.embedded.api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let pg = match db {
             Db::Sqlite => {
@@ -124,6 +127,7 @@ impl TestHub {
         let base = format!("http://{}", app.http_addr());
         // An instance sharing another one's broker (scale-out tests) has none of its own.
         let mqtt_addr = app.mqtt_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mqtts_addr = app.mqtts_addr();
         let state = app.state();
         let used_config = config.clone();
         let (tx, rx) = oneshot::channel::<()>();
@@ -137,6 +141,7 @@ impl TestHub {
             http: reqwest::Client::new(),
             admin_key,
             mqtt_addr,
+            mqtts_addr,
             state,
             config: used_config,
             shutdown: Some(tx),

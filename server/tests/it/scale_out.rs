@@ -257,6 +257,7 @@ impl Cluster {
             &with(&[
                 ("IOTHUB_BROKER__KIND", "embedded".into()),
                 ("IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN", format!("127.0.0.1:{mqtt_port}")),
+                ("IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN", "127.0.0.1:0".into()),
                 ("IOTHUB_BROKER__EMBEDDED__API_LISTEN", format!("127.0.0.1:{broker_api_port}")),
                 // The broker's hooks go to the load balancer, so they are spread over both instances.
                 ("IOTHUB_HTTP__PUBLIC_URL", format!("http://{lb}")),
