@@ -140,6 +140,8 @@ printf 'abc$def\n' > "$tmp/secrets/hook_token"
 expect_refusal 'a secret with "$"' render
 printf 'abc:def\n' > "$tmp/secrets/hook_token"
 expect_refusal 'a secret with ":"' render
+printf 'short-hook-token\n' > "$tmp/secrets/hook_token"
+expect_refusal 'a hook token under 32 bytes' render
 : > "$tmp/secrets/hook_token"
 expect_refusal 'an empty secret' render
 rm "$tmp/secrets/hook_token"

@@ -34,7 +34,7 @@ AMQP_PORT=${AMQP_PORT:-55673}
 port=${BENCH_HTTP_PORT:-18190}
 export IOTHUB_DATA_DIR="$work" IOTHUB_DATABASE__URL="$PG_URL" IOTHUB_DATABASE__MAX_CONNECTIONS=${DB_CONNECTIONS:-16}
 export IOTHUB_REDIS__URL="$REDIS_URL" IOTHUB_RABBITMQ__URL="$AMQP_URL"
-export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token IOTHUB_LOG__LEVEL=warn
+export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token-0123456789abcdef IOTHUB_LOG__LEVEL=warn
 export IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN= IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
 # HUB_BIN runs another build of the server (A/B comparisons in one sitting: the machine drifts).
 "${HUB_BIN:-./target/release/iothub}" serve & hub_pid=$!
@@ -55,6 +55,6 @@ mkdir -p bench-results
   echo "CPU columns: share of one core used by each process group during the run (200% = both cores)."
   echo
   ./target/release/iothub-bench-events --base-url "http://127.0.0.1:$port" --admin-key "$(cat "$work/admin-api-key")" \
-    --hook-token bench-hook-token --database-url "$PG_URL" --amqp-url "$AMQP_URL" --iothub-pid "$hub_pid" "$@"
+    --hook-token bench-hook-token-0123456789abcdef --database-url "$PG_URL" --amqp-url "$AMQP_URL" --iothub-pid "$hub_pid" "$@"
 } | tee bench-results/events.md
 pg_stats_dump bench-results/events-pg-statements.txt

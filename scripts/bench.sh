@@ -24,7 +24,7 @@ trap cleanup EXIT
 
 export IOTHUB_DATA_DIR="$work" IOTHUB_DATABASE__URL="$PG_URL" IOTHUB_DATABASE__MAX_CONNECTIONS=${DB_CONNECTIONS:-16}
 port=${BENCH_HTTP_PORT:-18180}
-export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token IOTHUB_LOG__LEVEL=warn
+export IOTHUB_HTTP__LISTEN=127.0.0.1:$port IOTHUB_BROKER__HOOK_TOKEN=bench-hook-token-0123456789abcdef IOTHUB_LOG__LEVEL=warn
 export IOTHUB_BROKER__EMBEDDED__MQTTS_LISTEN= IOTHUB_BROKER__EMBEDDED__MQTT_LISTEN=127.0.0.1:0 IOTHUB_BROKER__EMBEDDED__API_LISTEN=127.0.0.1:$((port + 1))
 ./target/release/iothub serve & hub_pid=$!
 for _ in $(seq 150); do
@@ -41,12 +41,12 @@ rm -f bench-results/wrk-*.txt
   echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/{print $2}') GiB RAM;"
   echo "PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') (fsync on), iothub, load generator all on this machine."
   echo
-  ./target/release/iothub-bench --admin-key "$(cat "$work/admin-api-key")" --hook-token bench-hook-token \
+  ./target/release/iothub-bench --admin-key "$(cat "$work/admin-api-key")" --hook-token bench-hook-token-0123456789abcdef \
     --base-url "http://127.0.0.1:$port" --pid "$hub_pid" --export "$work/working-set.txt" "$@"
   # EMQX's hook pools pipeline requests (enable_pipelining); wrk replays that shape on 8 connections.
   if command -v wrk >/dev/null; then
     for mode in authz authn; do
-      out=$(DEVICES="$work/working-set.txt" MODE=$mode DEPTH=16 TOKEN=bench-hook-token \
+      out=$(DEVICES="$work/working-set.txt" MODE=$mode DEPTH=16 TOKEN=bench-hook-token-0123456789abcdef \
         wrk -t2 -c8 -d"${WRK_SECONDS:-15}s" --latency -s bench/wrk/pipelined.lua "http://127.0.0.1:$port")
       echo "$out" > "bench-results/wrk-$mode.txt"
       rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')

@@ -68,6 +68,7 @@ jwt_secret=$(read_secret jwt_secret)
 api_secret=$(read_secret emqx_api_secret)
 dashboard_password=$(read_secret emqx_dashboard_password)
 [ "${#jwt_secret}" -ge 32 ] || die "$secrets/jwt_secret is shorter than 32 bytes (iothub refuses it)"
+[ "${#hook_token}" -ge 32 ] || die "$secrets/hook_token is shorter than 32 bytes (iothub refuses it)"
 
 for t in emqx-http.hocon api_key.bootstrap; do
   [ -r "$templates/$t" ] || die "template $templates/$t is missing (mount emqx-config/ there)"

@@ -41,6 +41,8 @@ pub struct HttpConfig {
     pub body_limit_bytes: usize,
     /// URL the broker uses to reach this instance's hooks. Default: derived from `listen` (loopback).
     pub public_url: Option<String>,
+    /// Most event streams (`GET /api/v1/events`) one API key may hold open on one instance at a time.
+    pub sse_streams_per_key: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -101,6 +103,9 @@ pub struct BrokerConfig {
     pub api_timeout_ms: u64,
     pub embedded: EmbeddedBrokerConfig,
 }
+
+/// Shortest `broker.hook_token` accepted.
+pub const MIN_HOOK_TOKEN_LEN: usize = 32;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -207,6 +212,8 @@ pub struct CommandsConfig {
     pub sweep_ms: u64,
     /// How long a command being published is protected from other instances' dispatchers (ms).
     pub dispatch_lease_ms: u64,
+    /// Most devices one tag command may target (1 to 100000); more is refused with 422 naming `tag`.
+    pub max_tag_targets: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -230,7 +237,7 @@ impl Default for RetentionConfig {
 
 impl Default for CommandsConfig {
     fn default() -> Self {
-        Self { sweep_ms: 1_000, dispatch_lease_ms: 30_000 }
+        Self { sweep_ms: 1_000, dispatch_lease_ms: 30_000, max_tag_targets: 10_000 }
     }
 }
 
@@ -286,6 +293,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 30,
             body_limit_bytes: 8 * 1024 * 1024,
             public_url: None,
+            sse_streams_per_key: 8,
         }
     }
 }
@@ -411,6 +419,11 @@ impl Config {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_broker()?;
+        self.validate_limits()
+    }
+
+    fn validate_broker(&self) -> anyhow::Result<()> {
         if self.broker.kind == BrokerKind::Embedded {
             self.broker.embedded.mqtts_addr()?;
             anyhow::ensure!(
@@ -418,6 +431,12 @@ impl Config {
                 "broker.embedded.tls_cert_file and tls_key_file go together (both empty: a generated self-signed pair)"
             );
         }
+        // The hook token is all that stands between the network and the authn/authz answers: a short one
+        // could be guessed. Empty means generated (embedded profile only).
+        anyhow::ensure!(
+            self.broker.hook_token.is_empty() || self.broker.hook_token.len() >= MIN_HOOK_TOKEN_LEN,
+            "broker.hook_token must be at least {MIN_HOOK_TOKEN_LEN} characters (e.g. `openssl rand -hex 32`)"
+        );
         if self.broker.kind != BrokerKind::Embedded {
             anyhow::ensure!(!self.broker.hook_token.is_empty(), "broker.hook_token is required for an external broker");
             anyhow::ensure!(!self.broker.api_url.is_empty(), "broker.api_url is required for an external broker");
@@ -428,7 +447,16 @@ impl Config {
                 "auth.jwt_secret (at least 32 bytes) is required with an external broker"
             );
         }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.cache.device_ttl_ms <= 60_000, "cache.device_ttl_ms must be at most 60000");
+        anyhow::ensure!(self.http.sse_streams_per_key >= 1, "http.sse_streams_per_key must be at least 1");
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.commands.max_tag_targets),
+            "commands.max_tag_targets must be between 1 and 100000"
+        );
         anyhow::ensure!(
             (1..=100_000).contains(&self.events.batch_max),
             "events.batch_max must be between 1 and 100000"
@@ -544,7 +572,7 @@ mod tests {
     #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
     fn secrets_are_read_from_files_named_by_file_variables() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("hook_token", "s3cret-token\n")?;
+            jail.create_file("hook_token", "s3cret-token-of-at-least-32-chars\n")?;
             jail.create_file("db_url", "postgres://iothub:pw@db/iothub\r\n")?;
             jail.set_env("IOTHUB_BROKER__HOOK_TOKEN_FILE", "hook_token");
             jail.set_env("IOTHUB_DATABASE__URL_FILE", "db_url");
@@ -553,7 +581,7 @@ mod tests {
             jail.create_file("api_secret", "0123456789\n")?;
             jail.set_env("IOTHUB_BROKER__API_SECRET_FILE", "api_secret");
             let c = Config::load(None).map_err(|e| e.to_string())?;
-            assert_eq!(c.broker.hook_token, "s3cret-token");
+            assert_eq!(c.broker.hook_token, "s3cret-token-of-at-least-32-chars");
             assert_eq!(c.database.url, "postgres://iothub:pw@db/iothub");
             assert_eq!(c.database.max_connections, 6);
             assert_eq!(c.broker.api_secret, "0123456789", "a digits-only secret stays text, leading zero kept");

@@ -29,6 +29,9 @@ pub enum Error {
     /// Waited for something outside iothub (a device's reply) longer than allowed.
     #[error("{0}")]
     Timeout(String),
+    /// A per-caller limit is reached (e.g. concurrent event streams of one API key).
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -55,6 +58,7 @@ impl Error {
             Error::MethodNotAllowed(m) => Error::MethodNotAllowed(m.clone()),
             Error::Unavailable(m) => Error::Unavailable(m.clone()),
             Error::Timeout(m) => Error::Timeout(m.clone()),
+            Error::TooManyRequests(m) => Error::TooManyRequests(m.clone()),
             Error::Internal(e) => Error::Internal(anyhow::anyhow!("{e:#}")),
         }
     }
@@ -69,6 +73,7 @@ impl Error {
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -83,6 +88,7 @@ impl Error {
             Error::MethodNotAllowed(_) => "method-not-allowed",
             Error::Unavailable(_) => "unavailable",
             Error::Timeout(_) => "timeout",
+            Error::TooManyRequests(_) => "too-many-requests",
             Error::Internal(_) => "internal",
         }
     }

@@ -190,6 +190,7 @@ impl Application {
                     hooks_base_url: hooks_url,
                     hook_token: hook_token.clone(),
                     api_token: api_token.clone(),
+                    identity_gate: true,
                 })
                 .await
                 .context("starting the embedded MQTT broker")?;
@@ -278,6 +279,7 @@ impl Application {
                 max_rpc_timeout: crate::domain::commands::MAX_RPC_TIMEOUT
                     .min(Duration::from_secs(config.http.request_timeout_secs).saturating_sub(Duration::from_secs(2)))
                     .max(Duration::from_secs(1)),
+                max_tag_targets: config.commands.max_tag_targets,
             },
         );
         let tags = TagService::new(tag_store, commands.clone());
@@ -313,6 +315,7 @@ impl Application {
             bus,
             hook_token,
             closing: tokio::sync::watch::channel(false).0,
+            event_streams: crate::api::StreamSlots::new(config.http.sse_streams_per_key),
             metrics: telemetry::metrics_handle(),
         });
         Ok(Self { listener, state, config, embedded })

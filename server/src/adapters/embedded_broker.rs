@@ -39,6 +39,9 @@ pub struct EmbeddedBrokerSettings {
     pub hook_token: String,
     /// Bearer token protecting the broker's http-api.
     pub api_token: String,
+    /// Runs iothub's identity gate before every plugin. Always on in iothub; off only in tests that stand in
+    /// for an external RMQTT built from the same plugins and emqx-config/'s RMQTT files.
+    pub identity_gate: bool,
 }
 
 /// Username RMQTT presents (as HTTP Basic user) when calling iothub's hooks.
@@ -148,6 +151,7 @@ impl EmbeddedBroker {
         let webhook_url = hook_url(&settings.hooks_base_url, "/broker/rmqtt/webhook", Some(&settings.hook_token))?;
         let mqtt_listen = settings.mqtt_listen;
         let tls = settings.tls.clone();
+        let identity_gate = settings.identity_gate;
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rmqtt").enable_all().build()?;
         let boot = runtime.spawn(async move {
@@ -168,13 +172,15 @@ impl EmbeddedBroker {
                 dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
             }
             // Before every plugin: identities that are not well formed never reach auth-http's templates.
-            dollar_hooks
-                .add_priority(
-                    rmqtt::hook::Type::ClientAuthenticate,
-                    crate::adapters::rmqtt_identity::GATE_PRIORITY,
-                    Box::new(crate::adapters::rmqtt_identity::IdentityGate),
-                )
-                .await;
+            if identity_gate {
+                dollar_hooks
+                    .add_priority(
+                        rmqtt::hook::Type::ClientAuthenticate,
+                        crate::adapters::rmqtt_identity::GATE_PRIORITY,
+                        Box::new(crate::adapters::rmqtt_identity::IdentityGate),
+                    )
+                    .await;
+            }
             dollar_hooks.start().await;
             // Order matters only for readability: auth-http (priority 100) runs before acl (10).
             rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;
@@ -297,6 +303,7 @@ mod tests {
             hooks_base_url: "http://127.0.0.1:8080".into(),
             hook_token: "t".into(),
             api_token: "a".into(),
+            identity_gate: true,
         };
         let configs = plugin_configs(&settings).unwrap();
         let (_, web_hook) = configs.iter().find(|(name, _)| *name == "rmqtt-web-hook").unwrap();
@@ -330,6 +337,7 @@ mod tests {
             hooks_base_url: "http://127.0.0.1:8080".into(),
             hook_token: "t".into(),
             api_token: "a".into(),
+            identity_gate: true,
         };
         let configs = plugin_configs(&settings).unwrap();
         for (plugin, file, expected_lines) in

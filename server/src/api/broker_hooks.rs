@@ -173,15 +173,17 @@ fn device_publish_acl(username: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A device's complete ACL in RMQTT's rule format, decided in the broker on the identity authenticated at
-/// CONNECT: publish grants, subscribe grants, then `deny all`. The auto-subscribed filters are literal
-/// (`eq `), because a broker's own matcher lets a granted `+` match a requested `#`. The tag grant stays a
-/// filter (tags change during a connection); what that matcher lets through beyond iothub's exact check stays
-/// inside the product's own tag namespace (`tags/{p}/{tag}/cmd/a/b/#` also reaches 6-level topics there, which
-/// nothing iothub sends uses).
+/// A device's ACL in RMQTT's rule format, decided in the broker on the identity authenticated at CONNECT:
+/// publish grants, subscribe grants, then a deny of every other subscription. The auto-subscribed filters are
+/// literal (`eq `), because a broker's own matcher lets a granted `+` match a requested `#`. The tag grant
+/// stays a filter (tags change during a connection); what that matcher lets through beyond iothub's exact
+/// check stays inside the product's own tag namespace (`tags/{p}/{tag}/cmd/a/b/#` also reaches 6-level
+/// topics there, which nothing iothub sends uses). Publishes with a `$` level (iothub's internal requests)
+/// cannot be matched by RMQTT's wildcards and go to the acl hook ([`rmqtt_acl`]).
 fn device_full_acl(username: &str) -> Vec<Value> {
+    let deny_subscriptions = json!({"permission": "deny", "action": "subscribe", "topic": "#"});
     let Some(device) = DeviceRef::from_broker_username(username) else {
-        return vec![json!({"permission": "deny", "action": "all", "topic": "#"})];
+        return vec![deny_subscriptions];
     };
     let (p, d) = (device.product.as_str(), device.device.as_str());
     let mut rules = device_publish_acl(username);
@@ -190,7 +192,7 @@ fn device_full_acl(username: &str) -> Vec<Value> {
         let topic = if rule.topic.starts_with("tags/") { filter } else { format!("eq {filter}") };
         rules.push(json!({"permission": "allow", "action": "subscribe", "topic": topic}));
     }
-    rules.push(json!({"permission": "deny", "action": "all", "topic": "#"}));
+    rules.push(deny_subscriptions);
     rules
 }
 
@@ -224,10 +226,11 @@ pub async fn emqx4_superuser(_: HookParams) -> StatusCode {
 pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
     let username = p.get("username");
     match state.access.authenticate(p.get("clientid"), username, p.get("password")).await {
-        // RMQTT evaluates a returned ACL in the broker. A device gets its whole ACL and a final deny, so RMQTT
-        // never asks the acl hook about a device: rmqtt-auth-http fills its request placeholders one after
-        // another, so an external RMQTT without iothub's pre-authentication hook could present another
-        // username there than the one authenticated (`P/d4%A` is `P/d4` at CONNECT and `P/d41` at ACL time).
+        // RMQTT evaluates a returned ACL in the broker. A device gets every grant RMQTT can match and a final
+        // deny of other subscriptions, so the acl hook is asked about a device only for internal `$` publishes:
+        // rmqtt-auth-http fills its request placeholders one after another, so an external RMQTT (without the
+        // bundled broker's identity gate) could present another username there than the one authenticated
+        // (`P/d4%A` is `P/d4` at CONNECT and `P/d41` at ACL time).
         AuthnDecision::AllowDevice => {
             Json(json!({"result": "allow", "superuser": false, "acl": device_full_acl(username)}))
         }
@@ -239,6 +242,21 @@ pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json
 }
 
 pub async fn rmqtt_acl(State(state): State<SharedState>, p: HookParams) -> Json<Value> {
-    let allowed = authz(&state, &p, emqx4_action(p.get("access"))).await;
+    let action = emqx4_action(p.get("access"));
+    // A device's authn answer already decided everything RMQTT can match itself: every subscription, and
+    // every publish without a `$` level (RMQTT's wildcards never match one, so `get/{p}/{d}/$ntp/…` comes
+    // here). So a device question reaching this hook is either such an internal publish or something to
+    // refuse, and the identity presented here may have been rewritten by rmqtt-auth-http's placeholders on
+    // an external RMQTT (emqx-config/README.md, section 10): never grant it a subscription or a plain topic.
+    let allowed = match (DeviceRef::from_broker_username(p.get("username")), action) {
+        (Some(_), Some(Action::Subscribe)) => false,
+        (Some(_), Some(Action::Publish)) if !has_inner_dollar_level(p.get("topic")) => false,
+        _ => authz(&state, &p, action).await,
+    };
     Json(json!({"result": if allowed { "allow" } else { "deny" }}))
+}
+
+/// Whether a topic has a `$`-prefixed level after the first (iothub's internal names, e.g. `$ntp`).
+fn has_inner_dollar_level(topic: &str) -> bool {
+    topic.split('/').skip(1).any(|level| level.starts_with('$'))
 }

@@ -382,6 +382,37 @@ pub struct SendTagCommand {
     pub ttl_secs: Option<i64>,
 }
 
+/// Which page of a tag command's or rollout's per-device list to return (counts always cover every device).
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TargetPageQuery {
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// Devices per page, 1-1000 (default 100).
+    pub limit: Option<u32>,
+}
+
+/// One page of per-device items ordered by device id, and the cursor of the next one.
+fn target_page<T>(
+    mut items: Vec<T>,
+    query: &TargetPageQuery,
+    device_of: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, Option<String>)> {
+    let limit = page_limit(query.limit)?;
+    if let Some(cursor) = &query.cursor {
+        crate::ids::validate_id(cursor)
+            .map_err(|_| Error::validation("cursor", "not a cursor from a previous page"))?;
+    }
+    items.sort_by(|a, b| device_of(a).cmp(device_of(b)));
+    let mut page: Vec<T> = items
+        .into_iter()
+        .filter(|item| query.cursor.as_deref().is_none_or(|c| device_of(item) > c))
+        .take(limit as usize + 1)
+        .collect();
+    let next = next_page(&mut page, limit, |item| device_of(item).to_string());
+    Ok((page, next))
+}
+
 /// A command to every device of a tag, per device.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TagCommand {
@@ -393,21 +424,34 @@ pub struct TagCommand {
     pub replied: usize,
     /// Devices whose command is neither replied, expired nor failed.
     pub pending: usize,
+    /// One page of the devices' commands, by device id (`limit`, default 100).
     pub devices: Vec<Command>,
+    /// Pass as `cursor` to `GET …/tag-commands/{request_id}` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
-fn tag_command_view(tag: &str, rows: Vec<CommandRecord>, request_id: String, name: String) -> TagCommand {
+fn tag_command_view(
+    tag: &str,
+    rows: Vec<CommandRecord>,
+    request_id: String,
+    name: String,
+    page: &TargetPageQuery,
+) -> Result<TagCommand> {
     let replied = rows.iter().filter(|r| r.state == CommandState::Replied).count();
     let pending = rows.iter().filter(|r| !r.state.is_terminal()).count();
-    TagCommand {
+    let total = rows.len();
+    let (rows, next_cursor) = target_page(rows, page, |r| r.device.device.as_str())?;
+    Ok(TagCommand {
         request_id,
         tag: tag.to_string(),
         name,
-        total: rows.len(),
+        total,
         replied,
         pending,
         devices: rows.into_iter().map(Command::from).collect(),
-    }
+        next_cursor,
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product_id}/tags/{tag}/commands", tag = "commands",
@@ -435,22 +479,24 @@ pub async fn send_to_tag(
     };
     let rows = state.commands.submit_to_tag(&product, &tag, request).await?;
     let request_id = rows.first().map(|r| r.request_id.clone()).unwrap_or_default();
-    Ok((StatusCode::CREATED, Json(tag_command_view(&tag, rows, request_id, name))))
+    let first_page = TargetPageQuery { cursor: None, limit: None };
+    Ok((StatusCode::CREATED, Json(tag_command_view(&tag, rows, request_id, name, &first_page)?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product_id}/tag-commands/{request_id}", tag = "commands",
-    params(("product_id" = String, Path), ("request_id" = String, Path)),
-    responses((status = 200, body = TagCommand), (status = 404, body = Problem)),
+    params(("product_id" = String, Path), ("request_id" = String, Path), TargetPageQuery),
+    responses((status = 200, body = TagCommand), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = ["read"])))]
 pub async fn get_tag_command(
     _: ReadAccess,
     State(state): State<SharedState>,
     Path((p, request_id)): Path<(String, String)>,
+    ApiQuery(page): ApiQuery<TargetPageQuery>,
 ) -> Result<Json<TagCommand>> {
     let product = product_id(p)?;
     let rows = state.commands.tag_command(&product, &request_id).await?;
     let (tag, name) = (rows[0].tag.clone().unwrap_or_default(), rows[0].name.clone());
-    Ok(Json(tag_command_view(&tag, rows, request_id, name)))
+    Ok(Json(tag_command_view(&tag, rows, request_id, name, &page)?))
 }
 
 /// A shadow as the API returns it: the document plus its `delta`.
@@ -563,7 +609,11 @@ pub struct Rollout {
     pub total: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// One page of the targets, by device id (`limit`, default 100).
     pub targets: Vec<OtaTargetView>,
+    /// Pass as `cursor` to `GET …/ota-rollouts/{rollout_id}` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 fn target_view(t: TargetRecord) -> OtaTargetView {
@@ -577,12 +627,14 @@ fn target_view(t: TargetRecord) -> OtaTargetView {
     }
 }
 
-fn rollout_view((r, targets): (RolloutRecord, Vec<TargetRecord>)) -> Rollout {
+fn rollout_view((r, targets): (RolloutRecord, Vec<TargetRecord>), page: &TargetPageQuery) -> Result<Rollout> {
     let count = |state: &str| targets.iter().filter(|t| t.state == state).count();
-    Rollout {
-        succeeded: count("succeeded"),
-        failed: count("failed"),
-        total: targets.len(),
+    let (succeeded, failed, total) = (count("succeeded"), count("failed"), targets.len());
+    let (targets, next_cursor) = target_page(targets, page, |t| t.device.device.as_str())?;
+    Ok(Rollout {
+        succeeded,
+        failed,
+        total,
         rollout_id: r.id,
         product_id: r.product.to_string(),
         tag: r.tag,
@@ -593,8 +645,11 @@ fn rollout_view((r, targets): (RolloutRecord, Vec<TargetRecord>)) -> Rollout {
         md5: r.md5,
         created_at: r.created_at,
         targets: targets.into_iter().map(target_view).collect(),
-    }
+        next_cursor,
+    })
 }
+
+const FIRST_PAGE: TargetPageQuery = TargetPageQuery { cursor: None, limit: None };
 
 fn package(body: PushOta) -> (OtaPackage, Option<i64>) {
     let ttl = body.ttl_secs.map(|s| s.saturating_mul(1000));
@@ -615,7 +670,7 @@ pub async fn push_ota_device(
     let device = device_ref(p, d)?;
     let (package, ttl) = package(body);
     let rollout = state.ota.push(&device.product, OtaTarget::Device(device.device.clone()), package, ttl).await?;
-    Ok((StatusCode::CREATED, Json(rollout_view(rollout))))
+    Ok((StatusCode::CREATED, Json(rollout_view(rollout, &FIRST_PAGE)?)))
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product_id}/tags/{tag}/ota", tag = "ota",
@@ -632,19 +687,20 @@ pub async fn push_ota_tag(
     let product = product_id(p)?;
     let (package, ttl) = package(body);
     let rollout = state.ota.push(&product, OtaTarget::Tag(tag), package, ttl).await?;
-    Ok((StatusCode::CREATED, Json(rollout_view(rollout))))
+    Ok((StatusCode::CREATED, Json(rollout_view(rollout, &FIRST_PAGE)?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product_id}/ota-rollouts/{rollout_id}", tag = "ota",
-    params(("product_id" = String, Path), ("rollout_id" = String, Path)),
-    responses((status = 200, body = Rollout), (status = 404, body = Problem)),
+    params(("product_id" = String, Path), ("rollout_id" = String, Path), TargetPageQuery),
+    responses((status = 200, body = Rollout), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("api_key" = ["read"])))]
 pub async fn get_rollout(
     _: ReadAccess,
     State(state): State<SharedState>,
     Path((p, id)): Path<(String, String)>,
+    ApiQuery(page): ApiQuery<TargetPageQuery>,
 ) -> Result<Json<Rollout>> {
-    Ok(Json(rollout_view(state.ota.rollout(&product_id(p)?, &id).await?)))
+    Ok(Json(rollout_view(state.ota.rollout(&product_id(p)?, &id).await?, &page)?))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -663,7 +719,8 @@ pub async fn device_ota(
     Path((p, d)): Path<(String, String)>,
 ) -> Result<Json<DeviceOta>> {
     let items = state.ota.device(&device_ref(p, d)?).await?;
-    Ok(Json(DeviceOta { items: items.into_iter().map(|(r, t)| rollout_view((r, vec![t]))).collect() }))
+    let items = items.into_iter().map(|(r, t)| rollout_view((r, vec![t]), &FIRST_PAGE)).collect::<Result<_>>()?;
+    Ok(Json(DeviceOta { items }))
 }
 
 #[cfg(test)]

@@ -61,10 +61,60 @@ pub struct AppState {
     pub hook_token: String,
     /// Flips to `true` when shutdown begins, so long-lived responses (SSE) end and HTTP can drain.
     pub closing: tokio::sync::watch::Sender<bool>,
+    /// Open event streams per API key (`http.sse_streams_per_key`).
+    pub event_streams: StreamSlots,
     pub metrics: PrometheusHandle,
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// Counts the long-lived streams each API key holds on this instance, so one key (or a leaked one) cannot
+/// pin an unbounded number of connections and bus subscriptions.
+#[derive(Clone)]
+pub struct StreamSlots {
+    per_key: u32,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+}
+
+/// One open stream; frees its slot when dropped.
+pub struct StreamSlot {
+    key: String,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+}
+
+impl StreamSlots {
+    pub fn new(per_key: u32) -> Self {
+        Self { per_key, open: Arc::default() }
+    }
+
+    pub fn acquire(&self, key_id: &str) -> crate::error::Result<StreamSlot> {
+        let mut open = self.open.lock().expect("stream slots lock");
+        let held = open.entry(key_id.to_string()).or_default();
+        if *held >= self.per_key {
+            metrics::counter!("iothub_sse_streams_refused_total").increment(1);
+            return Err(crate::error::Error::TooManyRequests(format!(
+                "this API key already holds {} event streams on this instance (http.sse_streams_per_key)",
+                self.per_key
+            )));
+        }
+        *held += 1;
+        metrics::gauge!("iothub_sse_streams_open").increment(1.0);
+        Ok(StreamSlot { key: key_id.to_string(), open: self.open.clone() })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().expect("stream slots lock");
+        if let Some(held) = open.get_mut(&self.key) {
+            *held -= 1;
+            if *held == 0 {
+                open.remove(&self.key);
+            }
+        }
+        metrics::gauge!("iothub_sse_streams_open").decrement(1.0);
+    }
+}
 
 pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) -> Router {
     let api = Router::new()

@@ -178,14 +178,17 @@ pub struct StreamQuery {
 /// Live events of one product as Server-Sent Events: `event:` = kind, `id:` = event id, `data:` = the
 /// same JSON document RabbitMQ consumers get (docs/events.md). A live view: no replay of missed events.
 #[utoipa::path(get, path = "/api/v1/events", tag = "telemetry", params(StreamQuery),
-    responses((status = 200, content_type = "text/event-stream", body = String), (status = 422, body = Problem)),
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 422, body = Problem),
+        (status = 429, body = Problem, description = "The key already holds `http.sse_streams_per_key` streams on this instance")),
     security(("api_key" = ["read"])))]
 pub async fn stream(
-    _: ReadAccess,
+    ReadAccess(caller): ReadAccess,
     State(state): State<SharedState>,
     ApiQuery(q): ApiQuery<StreamQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     let product = product_id(q.product).map_err(|_| Error::validation("product", "not a product id"))?;
+    // Held for as long as the response streams; dropping the stream (client gone, shutdown) frees it.
+    let slot = state.event_streams.acquire(&caller.key_id)?;
     let kinds = match q.kinds.as_deref() {
         None | Some("") => EventKind::ALL.to_vec(),
         Some(list) => list
@@ -201,6 +204,7 @@ pub async fn stream(
         let _ = closing.wait_for(|closing| *closing).await;
     });
     let stream = stream.filter_map(move |e| {
+        let _held = &slot;
         let keep = kinds
             .contains(&e.kind)
             .then(|| Ok(Event::default().event(e.kind.as_str()).id(e.event_id).data(String::from_utf8_lossy(&e.body))));

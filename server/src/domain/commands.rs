@@ -33,7 +33,7 @@ use crate::ports::broker::{BrokerApi, OutboundMessage, Published};
 use crate::ports::commands::*;
 use crate::ports::event_bus::BusEvent;
 use crate::ports::replies::{reply_key, Reply, ReplyHub};
-use crate::ports::store::{DeviceStatus, Store};
+use crate::ports::store::{DeviceFilter, DeviceStatus, Store};
 use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic};
 
 /// Largest command payload accepted (brokers default to 1 MiB packets; topic and headers need room).
@@ -65,6 +65,8 @@ pub struct CommandSettings {
     /// Longest RPC wait: at most [`MAX_RPC_TIMEOUT`], and short enough that the HTTP request timeout never
     /// cuts an RPC off before it can answer 504.
     pub max_rpc_timeout: Duration,
+    /// Most devices one tag command may target.
+    pub max_tag_targets: u32,
 }
 
 /// A business caller's command, before validation.
@@ -451,6 +453,21 @@ impl CommandService {
         let inner = &self.inner;
         if inner.store.get_product(product).await?.is_none() {
             return Err(Error::not_found("product", product));
+        }
+        // A cap checked before anything is written: one call must not write (and later page through) an
+        // unbounded number of rows. Racy against tags changing meanwhile, which only moves the cap by those.
+        let cap = inner.settings.max_tag_targets;
+        let probe = DeviceFilter {
+            status: Some(DeviceStatus::Active),
+            tag: Some(tag.to_string()),
+            limit: cap + 1,
+            ..Default::default()
+        };
+        if inner.store.list_devices(product, &probe).await?.len() > cap as usize {
+            return Err(Error::validation(
+                "tag",
+                format!("targets more than {cap} devices (commands.max_tag_targets); split the tag"),
+            ));
         }
         let now = now_ms();
         let command = NewTagCommand {

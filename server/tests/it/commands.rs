@@ -302,7 +302,7 @@ async fn rpc_is_answered_across_instances() {
         c.broker.kind = iothub::config::BrokerKind::Rmqtt;
         c.broker.api_url = format!("http://{}", a.config.broker.embedded.api_listen);
         c.broker.api_key = broker_token.clone();
-        c.broker.hook_token = "unused-by-this-test".into();
+        c.broker.hook_token = "unused-by-this-test-0123456789abcdef".into();
         c.auth.jwt_secret = "x".repeat(32);
         c.auth.bootstrap_admin_key = false;
     })
@@ -868,5 +868,65 @@ async fn keyed_retry_to_a_suspended_device_gets_its_command(db: Db) {
     assert_eq!(other.status(), StatusCode::CONFLICT);
     let other: Value = other.json().await.unwrap();
     assert!(other["detail"].as_str().unwrap_or_default().contains("suspended"), "{other}");
+    hub.stop().await;
+}
+
+/// A tag command may target at most `commands.max_tag_targets` devices (checked before anything is
+/// written), and the per-device lists of tag commands and OTA rollouts come in pages whose counts always
+/// cover every device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_commands_are_capped_and_targets_paged() {
+    let hub = TestHub::start_with(Db::Sqlite, |c| c.commands.max_tag_targets = 5).await;
+    hub.create_product("p").await;
+    for i in 0..6 {
+        let d = format!("d{i}");
+        hub.register("p", &d).await;
+        let tags = if i < 5 { json!({"tags": ["five", "six"]}) } else { json!({"tags": ["six"]}) };
+        let (s, v) = hub.call(Method::PUT, &format!("/api/v1/products/p/devices/{d}/tags"), Some(tags)).await;
+        assert!(s.is_success(), "{v}");
+    }
+    let (s, v) = hub.call(Method::POST, "/api/v1/products/p/tags/six/commands", Some(json!({"name": "reboot"}))).await;
+    assert_eq!((s, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("tag")), "{v}");
+    let (_, listed) = hub.call(Method::GET, "/api/v1/products/p/devices/d0/commands", None).await;
+    assert_eq!(listed["items"], json!([]), "nothing written for a refused tag command");
+
+    let (s, sent) =
+        hub.call(Method::POST, "/api/v1/products/p/tags/five/commands", Some(json!({"name": "reboot"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{sent}");
+    let request_id = sent["request_id"].as_str().unwrap();
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("/api/v1/products/p/tag-commands/{request_id}?limit=2&cursor={c}"),
+            None => format!("/api/v1/products/p/tag-commands/{request_id}?limit=2"),
+        };
+        let (s, v) = hub.call(Method::GET, &page, None).await;
+        assert_eq!((s, v["total"].as_u64()), (StatusCode::OK, Some(5)), "{v}");
+        let devices = v["devices"].as_array().unwrap();
+        assert!(devices.len() <= 2, "{v}");
+        seen.extend(devices.iter().map(|d| d["device_id"].as_str().unwrap().to_string()));
+        match v["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["d0", "d1", "d2", "d3", "d4"]);
+    let (s, v) = hub.call(Method::GET, &format!("/api/v1/products/p/tag-commands/{request_id}?limit=0"), None).await;
+    assert_eq!((s, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("limit")), "{v}");
+
+    let package = json!({"url": "https://updates.example.com/fw-1.2.0.bin", "version": "1.2.0", "size": 524288,
+        "md5": "9e107d9d372bb6826bd81d3542a419d6", "type": "firmware"});
+    let (s, rollout) = hub.call(Method::POST, "/api/v1/products/p/tags/six/ota", Some(package)).await;
+    assert_eq!(s, StatusCode::CREATED, "{rollout}");
+    let id = rollout["rollout_id"].as_str().unwrap();
+    let (_, first) = hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{id}?limit=4"), None).await;
+    assert_eq!((first["total"].as_u64(), first["targets"].as_array().unwrap().len()), (Some(6), 4), "{first}");
+    let next = first["next_cursor"].as_str().unwrap();
+    let (_, rest) =
+        hub.call(Method::GET, &format!("/api/v1/products/p/ota-rollouts/{id}?limit=4&cursor={next}"), None).await;
+    let rest: Vec<&str> =
+        rest["targets"].as_array().unwrap().iter().map(|t| t["device_id"].as_str().unwrap()).collect();
+    assert_eq!((rest, first.get("next_cursor").is_some()), (vec!["d4", "d5"], true));
     hub.stop().await;
 }

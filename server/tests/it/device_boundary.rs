@@ -172,3 +172,75 @@ async fn devices_connect_over_tls_with_a_verified_certificate() {
 async fn must_be_refused_or_dropped(addr: std::net::SocketAddr, client_id: &str, username: &str, password: &str) {
     assert!(mqtt_connect(addr, client_id, username, password).await.is_err(), "plain MQTT on the TLS port");
 }
+
+/// An external RMQTT configured with emqx-config/'s RMQTT files has no identity gate: rmqtt-auth-http
+/// fills its placeholders one after another, so iothub sees `p/d4%A` as `p/d4` at CONNECT and cannot refuse
+/// it. The attacker still reaches nothing of d41's or d42's: its subscriptions and plain publishes are
+/// decided in the broker from the ACL iothub returned for the authenticated `p/d4`, and the acl hook never
+/// grants a device a subscription or a plain publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_rmqtt_without_the_gate_still_keeps_devices_apart() {
+    use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
+    let api_listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
+    let hub = TestHub::start_with(Db::Sqlite, |c| {
+        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
+        c.broker.api_url = format!("http://{api_listen}");
+        c.broker.api_key = api_token.clone();
+        c.broker.hook_token = hook_token.clone();
+        c.auth.jwt_secret = "j".repeat(40);
+    })
+    .await;
+    let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
+        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        api_listen,
+        hooks_base_url: hub.base.clone(),
+        hook_token,
+        api_token,
+        identity_gate: false,
+    })
+    .await
+    .unwrap();
+    let mqtt = broker.mqtt_addr();
+    hub.create_product("p").await;
+    let s4 = hub.register("p", "d4").await;
+    let s41 = hub.register("p", "d41").await;
+    hub.register("p", "d42").await;
+
+    // The victim d41, listening for its commands.
+    let (victim, victim_loop) = must_connect(mqtt, "p/d41", "p/d41", &s41).await;
+    let (victim_inbox, _victim_task) = answering_device(victim, victim_loop, "d41");
+
+    // Without the gate the CONNECT passes: this is what the bundled broker's gate prevents.
+    let (attacker, mut attacker_loop) = must_connect(mqtt, "p/d4%A", "p/d4%A", &s4).await;
+    for filter in ["cmd/p/d41/+/+/+/#", "$share/g/cmd/p/d41/+/+/+/#", "cmd/p/+/+/+/+/#", "tags/p/+/cmd/+/+/+/#"] {
+        attacker.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let ack = wait_for(&mut attacker_loop, Duration::from_secs(5), |p| matches!(p, rumqttc::Packet::SubAck(_)))
+            .await
+            .unwrap();
+        let rumqttc::Packet::SubAck(ack) = ack else { unreachable!() };
+        let granted = matches!(ack.return_codes[0], rumqttc::SubscribeReasonCode::Success(_));
+        // The product's tag commands are every device's of the product (d4 may read them too); nothing else.
+        assert_eq!(granted, filter.starts_with("tags/"), "{filter}");
+    }
+    let (s, v) = hub.call(Method::POST, "/api/v1/products/p/devices/d41/commands", Some(json!({"name": "open"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let request_id = v["request_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(10), "d41 gets its command", || async {
+        victim_inbox.lock().unwrap().iter().any(|(t, _)| t.contains(&request_id)).then_some(())
+    })
+    .await;
+    let leaked =
+        wait_for(&mut attacker_loop, Duration::from_secs(2), |p| matches!(p, rumqttc::Packet::Publish(_))).await;
+    assert!(leaked.is_err(), "the attacker received {leaked:?}");
+
+    // Publishing as d42 (plain topic): refused, and the broker drops the attacker.
+    attacker.publish("upload_data/p/d42/temp/spoof", QoS::AtLeastOnce, false, "-40").await.unwrap();
+    let r = wait_for(&mut attacker_loop, Duration::from_secs(5), |_| false).await;
+    assert!(r.as_ref().is_err_and(|e| e.starts_with("connection closed")), "spoofing publisher disconnected: {r:?}");
+    let (_, messages) = hub.call(Method::GET, "/api/v1/products/p/devices/d42/messages", None).await;
+    assert_eq!(messages["items"], json!([]), "nothing stored under d42");
+    broker.stop().await;
+    hub.stop().await;
+}

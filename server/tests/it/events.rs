@@ -331,3 +331,37 @@ async fn starts_and_stores_events_without_redis() {
     drop(client);
     hub.stop().await;
 }
+
+/// One API key holds at most `http.sse_streams_per_key` event streams on an instance; the next one is a
+/// 429 problem, a closed stream frees its slot, and other keys are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_per_key_are_bounded() {
+    let hub = TestHub::start_with(Db::Sqlite, |c| c.http.sse_streams_per_key = 2).await;
+    hub.create_product("p1").await;
+    let open = |key: String| {
+        let http = hub.http.clone();
+        let url = format!("{}/api/v1/events?product=p1", hub.base);
+        async move { http.get(url).bearer_auth(key).send().await.unwrap() }
+    };
+    let first = open(hub.admin_key.clone()).await;
+    let second = open(hub.admin_key.clone()).await;
+    assert_eq!((first.status(), second.status()), (StatusCode::OK, StatusCode::OK));
+    let third = open(hub.admin_key.clone()).await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(third.headers()["content-type"], "application/problem+json");
+    // Another key has slots of its own.
+    let (s, key) =
+        hub.call(Method::POST, "/api/v1/api-keys", Some(json!({"name": "dashboard", "scopes": ["read"]}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{key}");
+    let other = open(key["key"].as_str().unwrap().to_string()).await;
+    assert_eq!(other.status(), StatusCode::OK);
+    // Closing a stream frees its slot.
+    drop(first);
+    eventually(Duration::from_secs(5), "a freed stream slot", || async {
+        let again = open(hub.admin_key.clone()).await;
+        (again.status() == StatusCode::OK).then_some(again)
+    })
+    .await;
+    drop((second, other));
+    hub.stop().await;
+}

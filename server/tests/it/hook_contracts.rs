@@ -223,18 +223,20 @@ async fn identity_rules_hold_in_every_dialect() {
         let acl = [("access", "1"), ("clientid", clientid.as_str()), ("username", username.as_str()), ("topic", topic)];
         let status = post_form(&hub, "/broker/emqx4/acl", &token, &acl).await;
         assert_eq!(status, if *allowed { StatusCode::OK } else { StatusCode::FORBIDDEN }, "EMQX 4 acl, {what}");
+        // RMQTT asks its acl hook about a device only for internal `$` publishes (see below).
         let (_, b) = post_json(
             &hub,
             "/broker/rmqtt/acl",
             &token,
-            json!({"access": "1", "clientid": clientid, "username": username, "topic": topic}),
+            json!({"access": "2", "clientid": clientid, "username": username, "topic": "get/p1/d1/$ntp/m1"}),
         )
         .await;
         assert_eq!(b["result"], if *allowed { "allow" } else { "deny" }, "RMQTT acl, {what}");
     }
 
-    // RMQTT: a device's whole ACL is decided in the broker (ending in a deny), so its acl hook, whose request
-    // placeholders an external RMQTT fills one after another, is never asked about a device.
+    // RMQTT: a device's subscriptions and plain publishes are decided in the broker from its authn answer
+    // (ending in a deny of every other subscription), so the acl hook, whose request placeholders an external
+    // RMQTT fills one after another, only grants a device internal `$` publishes of its own.
     let (_, b) = post_json(
         &hub,
         "/broker/rmqtt/auth",
@@ -243,12 +245,28 @@ async fn identity_rules_hold_in_every_dialect() {
     )
     .await;
     let rules = b["acl"].as_array().unwrap();
-    assert_eq!(rules.last().unwrap(), &json!({"permission": "deny", "action": "all", "topic": "#"}), "{b}");
+    assert_eq!(rules.last().unwrap(), &json!({"permission": "deny", "action": "subscribe", "topic": "#"}), "{b}");
     assert!(rules.contains(&json!({"permission": "allow", "action": "subscribe", "topic": "eq cmd/p1/d1/+/+/+/#"})));
     assert!(rules.iter().all(|r| !r["topic"].as_str().unwrap().contains('%')));
+    for (access, topic, expect) in [
+        ("1", "cmd/p1/d1/+/+/+/#", "deny"),
+        ("1", "$share/g/cmd/p1/d1/+/+/+/#", "deny"),
+        ("2", "upload_data/p1/d1/t/m1", "deny"),
+        ("2", "upload_data/p1/d1/$shadow_reported/m1", "allow"),
+        ("2", "get/p1/d2/$ntp/m1", "deny"),
+    ] {
+        let (_, b) = post_json(
+            &hub,
+            "/broker/rmqtt/acl",
+            &token,
+            json!({"access": access, "clientid": "p1/d1", "username": "p1/d1", "topic": topic}),
+        )
+        .await;
+        assert_eq!(b["result"], expect, "RMQTT acl hook, device p1/d1, {access} {topic}");
+    }
 
     // Shared subscriptions: EMQX 5 authorizes the real filter (it strips `$share/{group}/` before asking);
-    // iothub strips it too when a broker (RMQTT) sends it whole, so both decide the same.
+    // iothub strips it too when a broker sends it whole, so both decide the same.
     for (real, expect) in [
         ("tags/p1/t1/cmd/+/+/+/#", "allow"),
         ("m2m/p1/d1/+/+", "allow"),
@@ -265,14 +283,14 @@ async fn identity_rules_hold_in_every_dialect() {
         .await;
         assert_eq!(emqx["result"], expect, "EMQX 5 on the real filter {real}");
         for shared in [format!("$share/g1/{real}"), format!("$queue/{real}")] {
-            let (_, rmqtt) = post_json(
+            let (_, whole) = post_json(
                 &hub,
-                "/broker/rmqtt/acl",
+                "/broker/emqx5/authz",
                 &token,
-                json!({"access": "1", "clientid": "p1/d1", "username": "p1/d1", "topic": shared}),
+                json!({"clientid": "p1/d1", "username": "p1/d1", "topic": shared, "action": "subscribe"}),
             )
             .await;
-            assert_eq!(rmqtt["result"], expect, "the whole {shared} decides like EMQX's real filter");
+            assert_eq!(whole["result"], expect, "the whole {shared} decides like EMQX's real filter");
         }
     }
     hub.stop().await;
