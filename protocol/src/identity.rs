@@ -162,6 +162,39 @@ mod tests {
             }
         }
 
+        /// An accepted device identity is granted nothing outside its own topics, whatever it asks (shared
+        /// subscriptions decided on their real filter, as EMQX does). The fuzz target `identity_acl` checks
+        /// the same on arbitrary bytes.
+        #[test]
+        fn accepted_devices_reach_only_their_own_topics(
+            p in "[a-z0-9]{1,3}", d in "[a-z0-9]{1,3}", suffix in proptest::option::of("[a-z0-9]{1,3}"),
+            levels in proptest::collection::vec(
+                prop_oneof!["[a-z0-9]{1,3}", Just("+".to_string()), Just("#".to_string()), Just("$share".to_string()),
+                    Just("cmd".to_string()), Just("m2m".to_string()), Just("tags".to_string()), Just("upload_data".to_string())],
+                1..8),
+            subscribe in proptest::bool::ANY,
+        ) {
+            use crate::topics::{device_may, shared_subscription_filter, Action};
+            let username = format!("{p}/{d}");
+            let client_id = match &suffix { Some(s) => format!("{username}/{s}"), None => username.clone() };
+            let Ok(Principal::Device(device)) = check_identity(&username, &client_id) else {
+                return Err(TestCaseError::fail("a well-formed device identity was refused"));
+            };
+            let topic = levels.join("/");
+            let action = if subscribe { Action::Subscribe } else { Action::Publish };
+            let decided = if subscribe { shared_subscription_filter(&topic).unwrap_or(&topic) } else { &topic };
+            if device_may(device.product.as_str(), device.device.as_str(), action, decided) {
+                let parts: Vec<&str> = decided.split('/').collect();
+                prop_assert_eq!(parts[1], p.as_str());
+                let own = match (parts[0], action) {
+                    ("tags", Action::Subscribe) => d.as_str(),
+                    ("m2m", Action::Publish) => parts[3],
+                    _ => parts[2],
+                };
+                prop_assert_eq!(own, d.as_str(), "{} {:?}", decided, action);
+            }
+        }
+
         /// Whatever passes carries nothing a broker's request template could reinterpret.
         #[test]
         fn accepted_identities_hold_no_template_syntax(u in "\\PC{0,40}", c in "\\PC{0,60}") {

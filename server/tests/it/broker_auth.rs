@@ -168,6 +168,9 @@ async fn jwt_clients_get_exactly_their_acl() {
     assert_eq!(ack.return_codes[0], SubscribeReasonCode::Failure);
 
     must_be_refused(hub.mqtt_addr, "someone.else", "someone.else", &token).await;
+    // A token never takes a device's (or another client's) session: it connects with its own client id only.
+    must_be_refused(hub.mqtt_addr, "p1/d1", "ops.console", &token).await;
+    must_be_refused(hub.mqtt_addr, "ops.console/second", "ops.console", &token).await;
     must_be_refused(hub.mqtt_addr, "ops.console", "ops.console", "not-a-token").await;
 
     let (s, b) = hub.call(Method::POST, "/api/v1/tokens", Some(json!({"username": "p1/d1"}))).await;

@@ -56,3 +56,52 @@ async fn migrate_and_openapi_subcommands() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../api-spec/openapi.yaml")).unwrap()
     );
 }
+
+/// The compose file's PostgreSQL gives iothub a plain role that owns its database, not a superuser
+/// (deploy/postgres/init-iothub-role.sh). That script, run against the suite's PostgreSQL as the image runs
+/// it, creates a role with which `iothub migrate` applies every migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_run_as_the_compose_files_plain_database_role() {
+    use sqlx::{Connection, Executor, Row};
+    let admin_url = crate::helpers::admin_database_url();
+    let url = url::Url::parse(&admin_url).unwrap();
+    let (host, port) = (url.host_str().unwrap().to_string(), url.port().unwrap_or(5432).to_string());
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    // The script creates the names the compose file uses; a run cut short earlier may have left them.
+    admin.execute("DROP DATABASE IF EXISTS iothub WITH (FORCE)").await.unwrap();
+    admin.execute("DROP ROLE IF EXISTS iothub").await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let password_file = dir.path().join("iothub_db_password");
+    std::fs::write(&password_file, format!("{password}\n")).unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/postgres/init-iothub-role.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .env("PGHOST", &host)
+        .env("PGPORT", &port)
+        .env("IOTHUB_DB_PASSWORD_FILE", &password_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "init-iothub-role.sh: {}", String::from_utf8_lossy(&out.stderr));
+
+    let role = sqlx::query("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = 'iothub'")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    let flags: (bool, bool, bool) = (role.get(0), role.get(1), role.get(2));
+    assert_eq!(flags, (false, false, false), "iothub's role has no superuser, CREATEDB or CREATEROLE");
+    let database_url = format!("postgres://iothub:{password}@{host}:{port}/iothub");
+    iothub(&[("IOTHUB_DATABASE__URL", &database_url)], &["migrate"]);
+    let mut as_iothub = sqlx::PgConnection::connect(&database_url).await.unwrap();
+    let views: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.views WHERE table_name IN ('mqtt_user', 'mqtt_acl')",
+    )
+    .fetch_one(&mut as_iothub)
+    .await
+    .unwrap();
+    assert_eq!(views, 2);
+    drop(as_iothub);
+    admin.execute("DROP DATABASE iothub WITH (FORCE)").await.unwrap();
+    admin.execute("DROP ROLE iothub").await.unwrap();
+}
