@@ -31,6 +31,7 @@ use crate::domain::api_keys::{ApiKeyService, Scope};
 use crate::domain::commands::{CommandService, CommandSettings};
 use crate::domain::history::HistoryService;
 use crate::domain::ingest::{DeviceControl, IngestService, IngestSettings, IN_FLIGHT_TTL};
+use crate::domain::kicks::KickService;
 use crate::domain::ota::OtaService;
 use crate::domain::registry::RegistryService;
 use crate::domain::relay::{self, RelaySettings};
@@ -40,6 +41,7 @@ use crate::ports::broker::BrokerApi;
 use crate::ports::commands::CommandStore;
 use crate::ports::dedup::Deduplicator;
 use crate::ports::event_bus::EventBus;
+use crate::ports::kicks::KickStore;
 use crate::ports::ota::OtaStore;
 use crate::ports::replies::ReplyHub;
 use crate::ports::shadows::ShadowStore;
@@ -60,12 +62,20 @@ pub struct Stores {
     pub tags: Arc<dyn TagStore>,
     pub shadows: Arc<dyn ShadowStore>,
     pub ota: Arc<dyn OtaStore>,
+    pub kicks: Arc<dyn KickStore>,
 }
 
 impl Stores {
-    fn of<S: Store + CommandStore + TagStore + ShadowStore + OtaStore>(store: S) -> Self {
+    fn of<S: Store + CommandStore + TagStore + ShadowStore + OtaStore + KickStore>(store: S) -> Self {
         let store = Arc::new(store);
-        Self { store: store.clone(), commands: store.clone(), tags: store.clone(), shadows: store.clone(), ota: store }
+        Self {
+            store: store.clone(),
+            commands: store.clone(),
+            tags: store.clone(),
+            shadows: store.clone(),
+            ota: store.clone(),
+            kicks: store,
+        }
     }
 }
 
@@ -153,7 +163,7 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store, ota: ota_store } =
+        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store, ota: ota_store, kicks } =
             open_stores(&config, config.database.migrate_on_start).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
@@ -218,8 +228,9 @@ impl Application {
             Duration::from_millis(config.cache.device_ttl_ms),
             config.cache.device_capacity,
         ));
-        let registry =
-            RegistryService::new(store.clone(), broker.clone(), access.clone(), config.auth.rotation_overlap_secs);
+        let kicks = KickService::new(kicks, broker.clone());
+        kicks.start_sweeper(Duration::from_millis(config.commands.sweep_ms));
+        let registry = RegistryService::new(store.clone(), kicks, access.clone(), config.auth.rotation_overlap_secs);
         let api_keys = ApiKeyService::with_cache(store.clone(), Duration::from_millis(config.cache.api_key_ttl_ms));
         if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
             let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;

@@ -15,6 +15,7 @@ pub mod broker_http;
 pub mod broker_tls;
 pub mod command_log;
 pub mod embedded_broker;
+pub mod kick_store;
 pub mod memory_bus;
 pub mod memory_dedup;
 pub mod memory_replies;
@@ -256,4 +257,17 @@ pub(crate) fn storable_json(bytes: &[u8]) -> Option<(serde_json::Value, String)>
         return None;
     }
     Some((value, text))
+}
+
+/// Rows of `(product_id, device_id)` as device references (rows that are not valid ids are skipped: the
+/// registry never writes them).
+pub(crate) fn active_set(rows: Vec<(String, String)>) -> std::collections::HashSet<crate::ids::DeviceRef> {
+    rows.into_iter()
+        .filter_map(|(p, d)| {
+            Some(crate::ids::DeviceRef::new(
+                crate::ids::ProductId::parse(p).ok()?,
+                crate::ids::DeviceId::parse(d).ok()?,
+            ))
+        })
+        .collect()
 }

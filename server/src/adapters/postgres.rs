@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
 
+use super::active_set;
 use super::conflict_or;
 use super::{connection_event, connection_row, presence_sql};
 use crate::domain::events::EventKind;
@@ -403,6 +404,21 @@ impl Store for PgStore {
     #[tracing::instrument(skip(self), name = "pg.count_api_keys")]
     async fn count_api_keys(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await?)
+    }
+
+    #[tracing::instrument(skip_all, fields(devices = devices.len()), name = "pg.active_devices")]
+    async fn active_devices(&self, devices: &[DeviceRef]) -> Result<std::collections::HashSet<DeviceRef>> {
+        let (products, ids): (Vec<&str>, Vec<&str>) =
+            devices.iter().map(|d| (d.product.as_str(), d.device.as_str())).unzip();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT product_id, device_id FROM devices
+             WHERE status = 'active' AND (product_id, device_id) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+        )
+        .bind(&products)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(active_set(rows))
     }
 
     #[tracing::instrument(skip(self, session), name = "pg.put_token_session")]

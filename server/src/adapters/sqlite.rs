@@ -12,6 +12,7 @@ use sqlx::sqlite::{
 };
 use sqlx::Row;
 
+use super::active_set;
 use super::conflict_or;
 use super::{connection_event, connection_row, presence_sql};
 use crate::domain::events::EventKind;
@@ -373,6 +374,24 @@ impl Store for SqliteStore {
     #[tracing::instrument(skip(self), name = "sqlite.count_api_keys")]
     async fn count_api_keys(&self) -> Result<i64> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await?)
+    }
+
+    #[tracing::instrument(skip_all, fields(devices = devices.len()), name = "sqlite.active_devices")]
+    async fn active_devices(&self, devices: &[DeviceRef]) -> Result<std::collections::HashSet<DeviceRef>> {
+        // One statement with a JSON array of [product, device] pairs (no per-device round trips).
+        let pairs =
+            serde_json::to_string(&devices.iter().map(|d| [d.product.as_str(), d.device.as_str()]).collect::<Vec<_>>())
+                .expect("id pairs serialise");
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT d.product_id, d.device_id FROM devices d
+             JOIN json_each(?1) j ON d.product_id = json_extract(j.value, '$[0]')
+                                 AND d.device_id = json_extract(j.value, '$[1]')
+             WHERE d.status = 'active'",
+        )
+        .bind(pairs)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(active_set(rows))
     }
 
     #[tracing::instrument(skip(self, session), name = "sqlite.put_token_session")]

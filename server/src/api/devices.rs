@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::extract::{device_ref, product_id, ApiJson, ApiQuery, OptionalJson, ReadAccess, WriteAccess};
 use super::products::{next_page, page_limit};
 use super::SharedState;
+use crate::domain::kicks::KickOutcome;
 use crate::domain::registry::{IssuedDevice, MAX_BULK};
 use crate::error::{Error, Problem, Result};
 use crate::ids::DeviceId;
@@ -178,11 +179,23 @@ pub struct StatusChanged {
     pub device: Device,
     /// Live connections the broker disconnected because of this change.
     pub connections_kicked: usize,
+    /// `true` when the broker did not confirm the kick: it is stored and retried by iothub until it does
+    /// (meanwhile nothing the device sends is stored or announced).
+    pub kick_pending: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Deleted {
     pub connections_kicked: usize,
+    /// As for a suspension: the kick is retried until the broker confirms it.
+    pub kick_pending: bool,
+}
+
+fn kick_fields(outcome: KickOutcome) -> (usize, bool) {
+    match outcome {
+        KickOutcome::Kicked(n) => (n, false),
+        KickOutcome::Pending => (0, true),
+    }
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -202,7 +215,10 @@ pub struct RotatedSecret {
     pub previous_secrets_expire_at: i64,
     /// With `overlap_seconds = 0` every live connection is kicked (it may be using the old secret).
     pub connections_kicked: usize,
-    /// Set when that kick failed: the rotation itself succeeded; suspend/resume or retry to disconnect.
+    /// `true` when the broker did not confirm that kick: iothub retries it until it does.
+    pub kick_pending: bool,
+    /// Set when not even the kick's intent could be stored: the rotation itself succeeded; suspend and resume
+    /// to disconnect the device.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kick_error: Option<String>,
 }
@@ -322,13 +338,14 @@ pub async fn delete(
     State(state): State<SharedState>,
     Path((p, d)): Path<(String, String)>,
 ) -> Result<Json<Deleted>> {
-    let connections_kicked = state.registry.delete_device(&device_ref(p, d)?).await?;
-    Ok(Json(Deleted { connections_kicked }))
+    let (connections_kicked, kick_pending) = kick_fields(state.registry.delete_device(&device_ref(p, d)?).await?);
+    Ok(Json(Deleted { connections_kicked, kick_pending }))
 }
 
 async fn set_status(state: SharedState, p: String, d: String, status: DeviceStatus) -> Result<Json<StatusChanged>> {
-    let (record, connections_kicked) = state.registry.set_status(&device_ref(p, d)?, status).await?;
-    Ok(Json(StatusChanged { device: Device::from_record(record, None), connections_kicked }))
+    let (record, kicked) = state.registry.set_status(&device_ref(p, d)?, status).await?;
+    let (connections_kicked, kick_pending) = kick_fields(kicked);
+    Ok(Json(StatusChanged { device: Device::from_record(record, None), connections_kicked, kick_pending }))
 }
 
 #[utoipa::path(post, path = "/api/v1/products/{product_id}/devices/{device_id}/suspend", tag = "devices",
@@ -367,9 +384,9 @@ pub async fn rotate_secret(
     let device = device_ref(p, d)?;
     let (secret, previous_secrets_expire_at, kicked) =
         state.registry.rotate_secret(&device, req.overlap_seconds).await?;
-    let (connections_kicked, kick_error) = match kicked {
-        Ok(n) => (n, None),
-        Err(e) => (0, Some(e)),
+    let ((connections_kicked, kick_pending), kick_error) = match kicked {
+        Ok(outcome) => (kick_fields(outcome), None),
+        Err(e) => ((0, true), Some(e)),
     };
     Ok(Json(RotatedSecret {
         product_id: device.product.to_string(),
@@ -377,6 +394,7 @@ pub async fn rotate_secret(
         secret: secret.expose().to_string(),
         previous_secrets_expire_at,
         connections_kicked,
+        kick_pending,
         kick_error,
     }))
 }

@@ -113,6 +113,7 @@ enum Work {
     /// A device's data request for business systems: only an event.
     Request {
         key: String,
+        device: DeviceRef,
         event: BusEvent,
     },
     /// A delivery report or reply for the command log.
@@ -121,6 +122,33 @@ enum Work {
     Internal(InternalRequest),
     /// Nothing to store; the label says why (metrics).
     Skip(&'static str),
+}
+
+impl Work {
+    /// The device whose own upstream traffic this is (a delivery report is the broker's, a connect or
+    /// disconnect is presence: neither is the device speaking).
+    fn speaker(&self) -> Option<&DeviceRef> {
+        match self {
+            Work::Message { message, .. } => Some(&message.device),
+            Work::Report { report, .. } => Some(&report.device),
+            Work::Request { device, .. } => Some(device),
+            Work::Internal(request) => Some(&request.device),
+            Work::Feedback(change) if matches!(change.transition, Transition::Replied { .. }) => Some(&change.device),
+            Work::Feedback(_) | Work::Presence(_) | Work::Skip(_) => None,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Work::Message { .. } => "message",
+            Work::Report { .. } => "report",
+            Work::Request { .. } => "request",
+            Work::Internal(_) => "internal",
+            Work::Feedback(_) => "reply",
+            Work::Presence(_) => "presence",
+            Work::Skip(_) => "skip",
+        }
+    }
 }
 
 /// A `$` resource a device asked iothub for.
@@ -323,7 +351,7 @@ fn classify_publish(
                 });
             }
             let event = events::data_request(&publisher, resource, message_id, &payload, sent_at, now);
-            Work::Request { key: key("g", message_id), event }
+            Work::Request { key: key("g", message_id), device: publisher, event }
         }
         // Devices message each other directly through the broker; iothub only sees it if configured to.
         Upstream::M2m { .. } => Work::Skip("m2m"),
@@ -363,6 +391,7 @@ struct Job {
 pub struct IngestService {
     shards: Arc<[mpsc::Sender<Job>]>,
     commands: CommandService,
+    store: Arc<dyn Store>,
 }
 
 struct Worker {
@@ -398,7 +427,7 @@ impl IngestService {
             tokio::spawn(worker.run());
             shards.push(tx);
         }
-        Self { shards: shards.into(), commands }
+        Self { shards: shards.into(), commands, store }
     }
 
     /// The worker for a webhook's events: by its first event's owner (a webhook carries one event, or a
@@ -420,7 +449,10 @@ impl IngestService {
         // commit is retried by the broker, so the log ends up with the reply the caller saw.
         for event in &events {
             if let Some((device, request_id, payload, at)) = rpc_reply(event) {
-                self.commands.announce_reply(&device, request_id, payload.to_vec(), at).await;
+                // Only an active device's reply: a suspended one's is dropped by the worker too.
+                if self.store.active_devices(std::slice::from_ref(&device)).await?.contains(&device) {
+                    self.commands.announce_reply(&device, request_id, payload.to_vec(), at).await;
+                }
             }
         }
         let (done, wait) = oneshot::channel();
@@ -473,8 +505,17 @@ impl Worker {
         let mut internal = Vec::new();
         let (mut ota_progress, mut ota_status) = (Vec::new(), Vec::new());
         let mut seen_keys = std::collections::HashSet::new();
-        for event in events {
-            match classify(event, now) {
+        let work: Vec<Work> = events.into_iter().map(|event| classify(event, now)).collect();
+        let active = self.active_speakers(&work).await?;
+        for work in work {
+            if let Some(device) = work.speaker().filter(|d| !active.contains(*d)) {
+                // Suspended or deleted now: whatever it still sends (its kick may be pending) is neither
+                // stored, announced nor acted on.
+                tracing::debug!(%device, kind = work.label(), "dropped traffic of an inactive device");
+                metrics::counter!("iothub_ingest_inactive_dropped_total", "kind" => work.label()).increment(1);
+                continue;
+            }
+            match work {
                 Work::Presence(change) => {
                     count("presence", "accepted");
                     presence.push(change);
@@ -488,7 +529,7 @@ impl Worker {
                     internal.push(request);
                 }
                 Work::Skip(why) => count("publish", why),
-                Work::Request { key, event } => {
+                Work::Request { key, event, .. } => {
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Event(event)));
                     } else {
@@ -596,6 +637,17 @@ impl Worker {
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Which of the devices speaking in this group are active right now (one query for the group).
+    async fn active_speakers(&self, work: &[Work]) -> Result<std::collections::HashSet<DeviceRef>> {
+        let mut speakers: Vec<DeviceRef> = work.iter().filter_map(Work::speaker).cloned().collect();
+        speakers.sort_by(|a, b| (a.product.as_str(), a.device.as_str()).cmp(&(b.product.as_str(), b.device.as_str())));
+        speakers.dedup();
+        if speakers.is_empty() {
+            return Ok(Default::default());
+        }
+        self.store.active_devices(&speakers).await
     }
 
     async fn store_batch(&self, batch: IngestBatch, claimed: Vec<String>, now: i64) -> Result<()> {

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod events;
 pub mod history;
 pub mod ingest;
+pub mod kicks;
 pub mod ota;
 pub mod registry;
 pub mod relay;

@@ -2,28 +2,26 @@
 //!
 //! Owns the invariants around credentials: a secret is generated here, hashed here, returned once to the
 //! caller, and never stored or logged in clear. Suspending or deleting a device invalidates its cached auth
-//! record at once and kicks its live connections through the broker, so the change bites immediately
-//! rather than at the device's next reconnect.
+//! record at once and kicks its live connections through the broker ([`KickService`]: a durable intent,
+//! retried until the broker confirms it), so the change bites immediately rather than at the device's next
+//! reconnect.
 
 use std::sync::Arc;
 
 use crate::clock::now_ms;
 use crate::domain::access::AccessService;
+use crate::domain::kicks::{KickOutcome, KickService};
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::ports::broker::BrokerApi;
 use crate::ports::store::*;
 use crate::secrets::{new_device_secret, PlainSecret};
-
-/// Delay of the follow-up kick that catches a connection racing the change (see `kick`).
-const SECOND_KICK_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Largest bulk registration accepted in one request.
 pub const MAX_BULK: usize = 10_000;
 
 pub struct RegistryService {
     store: Arc<dyn Store>,
-    broker: Arc<dyn BrokerApi>,
+    kicks: KickService,
     access: Arc<AccessService>,
     default_overlap_secs: u64,
 }
@@ -38,11 +36,11 @@ pub struct IssuedDevice {
 impl RegistryService {
     pub fn new(
         store: Arc<dyn Store>,
-        broker: Arc<dyn BrokerApi>,
+        kicks: KickService,
         access: Arc<AccessService>,
         default_overlap_secs: u64,
     ) -> Self {
-        Self { store, broker, access, default_overlap_secs }
+        Self { store, kicks, access, default_overlap_secs }
     }
 
     pub async fn create_product(&self, id: ProductId, name: &str, description: &str) -> Result<ProductRecord> {
@@ -67,7 +65,7 @@ impl RegistryService {
     }
 
     /// Deletes a product. With `force`, its devices are deleted too, and their live connections are kicked in
-    /// the background (a large product would outlast the request; failures are logged).
+    /// the background (a large product would outlast the request); each kick is a durable intent.
     pub async fn delete_product(&self, id: &ProductId, force: bool) -> Result<()> {
         match self.store.delete_product(id, force).await? {
             ProductDelete::NotFound => Err(Error::not_found("product", id)),
@@ -80,11 +78,11 @@ impl RegistryService {
                         self.access.forget_device(&device).await;
                     }
                 }
-                let broker = self.broker.clone();
+                let kicks = self.kicks.clone();
                 tokio::spawn(async move {
                     for username in usernames {
-                        if let Err(e) = broker.kick_username(&username).await {
-                            tracing::warn!(%username, error = %e, "kicking a deleted product's device failed");
+                        if let Err(e) = kicks.request(&username).await {
+                            tracing::error!(%username, error = %e, "could not record the kick of a deleted product's device");
                         }
                     }
                 });
@@ -142,24 +140,31 @@ impl RegistryService {
         self.store.list_devices(product, filter).await
     }
 
-    /// Sets the status; suspending kicks live connections. Returns the device and how many were kicked.
-    pub async fn set_status(&self, device: &DeviceRef, status: DeviceStatus) -> Result<(DeviceRecord, usize)> {
+    /// Sets the status; suspending kicks live connections (resuming cancels a kick still pending). Returns
+    /// the device and what became of the kick.
+    pub async fn set_status(&self, device: &DeviceRef, status: DeviceStatus) -> Result<(DeviceRecord, KickOutcome)> {
         if !self.store.set_device_status(device, status.clone(), now_ms()).await? {
             return Err(Error::not_found("device", device));
         }
         self.access.forget_device(device).await;
-        let kicked = if status == DeviceStatus::Suspended { self.kick(device).await? } else { 0 };
+        let kicked = match status {
+            DeviceStatus::Suspended => self.kicks.request(&device.broker_username()).await?,
+            DeviceStatus::Active => {
+                self.kicks.cancel(&device.broker_username()).await?;
+                KickOutcome::Kicked(0)
+            }
+        };
         let record = self.store.get_device(device).await?.ok_or_else(|| Error::not_found("device", device))?;
         Ok((record, kicked))
     }
 
-    /// Deletes a device and kicks its connections. Deleting an already-deleted device still kicks, so a
-    /// retry after a failed kick completes the job; it answers 404 unless it found something to kick.
-    pub async fn delete_device(&self, device: &DeviceRef) -> Result<usize> {
+    /// Deletes a device and kicks its connections. Deleting an already-deleted device still kicks; it answers
+    /// 404 unless it found something to kick (or the kick is pending).
+    pub async fn delete_device(&self, device: &DeviceRef) -> Result<KickOutcome> {
         let existed = self.store.delete_device(device).await?;
         self.access.forget_device(device).await;
-        let kicked = self.kick(device).await?;
-        if !existed && kicked == 0 {
+        let kicked = self.kicks.request(&device.broker_username()).await?;
+        if !existed && kicked == KickOutcome::Kicked(0) {
             return Err(Error::not_found("device", device));
         }
         Ok(kicked)
@@ -172,7 +177,7 @@ impl RegistryService {
         &self,
         device: &DeviceRef,
         overlap_secs: Option<u64>,
-    ) -> Result<(PlainSecret, i64, std::result::Result<usize, String>)> {
+    ) -> Result<(PlainSecret, i64, std::result::Result<KickOutcome, String>)> {
         let overlap = overlap_secs.unwrap_or(self.default_overlap_secs);
         if overlap > 30 * 86_400 {
             return Err(Error::validation("overlap_seconds", "must be at most 2592000 (30 days)"));
@@ -184,28 +189,14 @@ impl RegistryService {
             return Err(Error::not_found("device", device));
         }
         self.access.forget_device(device).await;
-        // The new secret is already the only valid one: a failed kick must not lose it, so the failure is
-        // reported next to it instead of replacing the answer.
-        let kicked = if overlap == 0 { self.kick(device).await.map_err(|e| e.to_string()) } else { Ok(0) };
+        // The new secret is already the only valid one: it is returned whatever happens to the kick (which
+        // stays pending and is retried when the broker does not confirm it; an error here means not even
+        // the intent could be stored).
+        let kicked = if overlap == 0 {
+            self.kicks.request(&device.broker_username()).await.map_err(|e| e.to_string())
+        } else {
+            Ok(KickOutcome::Kicked(0))
+        };
         Ok((plain, old_expires_at, kicked))
-    }
-
-    /// Kicks now, and once more shortly after: a CONNECT whose authn was answered just before the change
-    /// may only register its session after the first kick's client listing.
-    async fn kick(&self, device: &DeviceRef) -> Result<usize> {
-        let username = device.broker_username();
-        let kicked = self.broker.kick_username(&username).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "the change to `{device}` is saved and denies its next auth check, but kicking its live connections failed ({e}); retry to kick again"
-            ))
-        })?;
-        let broker = self.broker.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(SECOND_KICK_DELAY).await;
-            if let Err(e) = broker.kick_username(&username).await {
-                tracing::warn!(%username, error = %e, "second kick failed");
-            }
-        });
-        Ok(kicked)
     }
 }

@@ -8,6 +8,7 @@ pub mod broker;
 pub mod commands;
 pub mod dedup;
 pub mod event_bus;
+pub mod kicks;
 pub mod ota;
 pub mod replies;
 pub mod shadows;

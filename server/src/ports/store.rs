@@ -298,6 +298,8 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_device(&self, device: &DeviceRef) -> Result<bool>;
 
     async fn device_auth(&self, device: &DeviceRef) -> Result<Option<DeviceAuthRecord>>;
+    /// Which of `devices` exist and are active now (one round trip).
+    async fn active_devices(&self, devices: &[DeviceRef]) -> Result<std::collections::HashSet<DeviceRef>>;
     /// Adds `secret` as the newest credential; existing unexpired ones expire at `old_expires_at`
     /// (at most), and credentials already expired are purged. `false` when the device does not exist.
     async fn rotate_credential(

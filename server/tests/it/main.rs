@@ -8,6 +8,7 @@ mod commands;
 mod device_boundary;
 mod emqx_postgres;
 mod events;
+mod guarantees;
 mod hook_contracts;
 mod presence;
 mod registry_api;

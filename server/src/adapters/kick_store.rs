@@ -1,0 +1,104 @@
+//! [`KickStore`] for PostgreSQL and SQLite: one row per username in `pending_kicks`.
+//!
+//! Claims move `next_attempt_at` forward in the same statement that reads the due rows, so two instances'
+//! sweepers never kick one username at once (PostgreSQL skips rows another claim holds; SQLite has one writer).
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::postgres::PgStore;
+use super::sqlite::SqliteStore;
+use crate::error::Result;
+use crate::ports::kicks::{KickStore, PendingKick};
+
+const REQUEST: &str = "INSERT INTO pending_kicks (username, requested_at, next_attempt_at, attempts)
+     VALUES ($1, $2, $3, 0)
+     ON CONFLICT (username) DO UPDATE SET requested_at = excluded.requested_at,
+         next_attempt_at = excluded.next_attempt_at, attempts = 0";
+const RESCHEDULE: &str = "UPDATE pending_kicks SET next_attempt_at = $3 WHERE username = $1 AND requested_at = $2";
+const FINISH: &str = "DELETE FROM pending_kicks WHERE username = $1 AND requested_at = $2";
+const CANCEL: &str = "DELETE FROM pending_kicks WHERE username = $1";
+const COUNT: &str = "SELECT COUNT(*) FROM pending_kicks";
+const CLAIM_PG: &str = "UPDATE pending_kicks SET next_attempt_at = $2, attempts = attempts + 1
+     WHERE username IN (SELECT username FROM pending_kicks WHERE next_attempt_at <= $1
+                        ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED)
+     RETURNING username, requested_at, attempts";
+const CLAIM_SQLITE: &str = "UPDATE pending_kicks SET next_attempt_at = ?2, attempts = attempts + 1
+     WHERE username IN (SELECT username FROM pending_kicks WHERE next_attempt_at <= ?1
+                        ORDER BY next_attempt_at LIMIT ?3)
+     RETURNING username, requested_at, attempts";
+
+fn pg(sql: &str) -> String {
+    sql.to_string()
+}
+
+fn sqlite(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+macro_rules! kick_store_impl {
+    ($store:ty, $db:ty, $sql:expr, $claim:expr, $read:ident, $write:ident, $span:literal) => {
+        #[async_trait]
+        impl KickStore for $store {
+            #[tracing::instrument(skip(self), name = $span)]
+            async fn request_kick(&self, username: &str, requested_at: i64, due_at: i64) -> Result<()> {
+                sqlx::query(&$sql(REQUEST))
+                    .bind(username)
+                    .bind(requested_at)
+                    .bind(due_at)
+                    .execute(self.$write())
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip(self), name = $span)]
+            async fn claim_kicks(&self, now: i64, lease_until: i64, limit: u32) -> Result<Vec<PendingKick>> {
+                let rows = sqlx::query($claim)
+                    .bind(now)
+                    .bind(lease_until)
+                    .bind(i64::from(limit))
+                    .fetch_all(self.$write())
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(PendingKick {
+                            username: r.try_get("username")?,
+                            requested_at: r.try_get("requested_at")?,
+                            attempts: r.try_get::<i64, _>("attempts")? as i32,
+                        })
+                    })
+                    .collect()
+            }
+
+            #[tracing::instrument(skip(self), name = $span)]
+            async fn reschedule_kick(&self, username: &str, requested_at: i64, due_at: i64) -> Result<()> {
+                sqlx::query(&$sql(RESCHEDULE))
+                    .bind(username)
+                    .bind(requested_at)
+                    .bind(due_at)
+                    .execute(self.$write())
+                    .await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip(self), name = $span)]
+            async fn finish_kick(&self, username: &str, requested_at: i64) -> Result<()> {
+                sqlx::query(&$sql(FINISH)).bind(username).bind(requested_at).execute(self.$write()).await?;
+                Ok(())
+            }
+
+            #[tracing::instrument(skip(self), name = $span)]
+            async fn cancel_kick(&self, username: &str) -> Result<()> {
+                sqlx::query(&$sql(CANCEL)).bind(username).execute(self.$write()).await?;
+                Ok(())
+            }
+
+            async fn pending_kicks(&self) -> Result<i64> {
+                Ok(sqlx::query_scalar::<$db, i64>(COUNT).fetch_one(self.$read()).await?)
+            }
+        }
+    };
+}
+
+kick_store_impl!(PgStore, sqlx::Postgres, pg, CLAIM_PG, pool, pool, "pg.kicks");
+kick_store_impl!(SqliteStore, sqlx::Sqlite, sqlite, CLAIM_SQLITE, reader, writer, "sqlite.kicks");

@@ -1,0 +1,155 @@
+//! What iothub promises not to lose or keep, each shown against the real components with the failure
+//! injected on purpose (docs/operations.md, "What is guaranteed").
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
+use reqwest::{Method, StatusCode};
+use rumqttc::{Event, QoS};
+
+use crate::both_backends;
+use crate::helpers::*;
+
+/// A TCP proxy in front of the broker's management API that a test can cut: while cut, every connection is
+/// accepted and closed at once, as an unreachable or crashing API looks to iothub.
+struct ApiSwitch {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl ApiSwitch {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let is_cut = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+/// iothub configured for an external RMQTT (the bundled composition, started by the test), whose
+/// management API it reaches through an [`ApiSwitch`].
+async fn hub_with_switchable_broker_api(db: Db) -> (TestHub, EmbeddedBroker, ApiSwitch) {
+    let api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let switch = ApiSwitch::start(api_listen).await;
+    let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
+    let api_url = format!("http://{}", switch.addr);
+    let (hook, api) = (hook_token.clone(), api_token.clone());
+    let hub = TestHub::start_with(db, move |c| {
+        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
+        c.broker.api_url = api_url;
+        c.broker.api_key = api;
+        c.broker.api_timeout_ms = 1_000;
+        c.broker.hook_token = hook;
+        c.auth.jwt_secret = "j".repeat(40);
+        c.commands.sweep_ms = 200;
+    })
+    .await;
+    let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
+        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        api_listen,
+        hooks_base_url: hub.base.clone(),
+        hook_token,
+        api_token,
+        identity_gate: true,
+    })
+    .await
+    .unwrap();
+    (hub, broker, switch)
+}
+
+async fn metric(hub: &TestHub, name: &str) -> f64 {
+    let text = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b' ') || l[name.len()..].starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn stored_message_ids(hub: &TestHub, p: &str, d: &str) -> Vec<String> {
+    let (s, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}/messages?limit=1000"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["items"].as_array().unwrap().iter().map(|m| m["message_id"].as_str().unwrap().to_string()).collect()
+}
+
+both_backends!(a_suspension_bites_while_the_broker_api_is_down, a_suspension_bites_while_the_broker_api_is_down);
+/// Suspending a connected device while the broker's API is down: the kick fails, yet nothing the device
+/// keeps sending is stored; once the API answers again the device is kicked with nobody calling again.
+/// (Before this, the API answered 503, the device stayed connected, and iothub stored every message.)
+async fn a_suspension_bites_while_the_broker_api_is_down(db: Db) {
+    let (hub, broker, switch) = hub_with_switchable_broker_api(db).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let (client, mut eventloop) = must_connect(broker.mqtt_addr(), "p/d", "p/d", &secret).await;
+
+    // The device publishes m1, m2, … every 50 ms, as long as it is connected.
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    let publisher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    let _ = client.try_publish(format!("upload_data/p/d/temp/m{n}"), QoS::AtLeastOnce, false, "21.5");
+                }
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        }
+    });
+    eventually(Duration::from_secs(10), "data stored", || async {
+        (stored_message_ids(&hub, "p", "d").await.len() >= 3).then_some(())
+    })
+    .await;
+
+    switch.set_cut(true);
+    let (s, v) = hub.call(Method::POST, "/api/v1/products/p/devices/d/suspend", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["kick_pending"].as_bool(), v["connections_kicked"].as_u64()), (Some(true), Some(0)), "{v}");
+    let last_before = sent.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!publisher.is_finished(), "the broker API is cut: the device is still connected");
+    assert!(sent.load(Ordering::SeqCst) > last_before + 10, "and it keeps publishing");
+    let seq = |id: &String| id.trim_start_matches('m').parse::<u64>().unwrap();
+    let late: Vec<String> =
+        stored_message_ids(&hub, "p", "d").await.into_iter().filter(|id| seq(id) > last_before + 1).collect();
+    assert!(late.is_empty(), "stored after the suspension: {late:?}");
+    assert!(metric(&hub, "iothub_ingest_inactive_dropped_total").await >= 10.0);
+    assert_eq!(metric(&hub, "iothub_kicks_pending").await, 1.0, "the kick is a stored intent");
+
+    // The API answers again: the pending kick goes through without anyone asking.
+    switch.set_cut(false);
+    tokio::time::timeout(Duration::from_secs(15), publisher).await.expect("the device was kicked").unwrap();
+    eventually(Duration::from_secs(10), "no kick pending", || async {
+        (metric(&hub, "iothub_kicks_pending").await == 0.0).then_some(())
+    })
+    .await;
+    broker.stop().await;
+    hub.stop().await;
+}
