@@ -230,7 +230,8 @@ impl Application {
         ));
         let kicks = KickService::new(kicks, broker.clone());
         kicks.start_sweeper(Duration::from_millis(config.commands.sweep_ms));
-        let registry = RegistryService::new(store.clone(), kicks, access.clone(), config.auth.rotation_overlap_secs);
+        let registry =
+            RegistryService::new(store.clone(), kicks.clone(), access.clone(), config.auth.rotation_overlap_secs);
         let api_keys = ApiKeyService::with_cache(store.clone(), Duration::from_millis(config.cache.api_key_ttl_ms));
         if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
             let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
@@ -302,6 +303,7 @@ impl Application {
             dedup.clone(),
             relay,
             DeviceControl {
+                kicks,
                 commands: commands.clone(),
                 tags: tags.clone(),
                 shadows: shadows.clone(),

@@ -151,6 +151,16 @@ fn broker_grants(acl: &[crate::domain::access::AclClaim]) -> Vec<Value> {
         .collect()
 }
 
+/// A token's whole ACL in RMQTT's rule format (first match wins there too), then a deny of everything else.
+/// RMQTT's matcher lets a granted `+` match a requested `#` in a subscription: a token's grant is an admin's
+/// explicit choice, and docs/architecture.md says what it means.
+fn token_full_acl(acl: &[crate::domain::access::AclClaim]) -> Vec<Value> {
+    acl.iter()
+        .map(|r| json!({"permission": r.permission, "action": r.action, "topic": r.topic}))
+        .chain(std::iter::once(json!({"permission": "deny", "action": "all", "topic": "#"})))
+        .collect()
+}
+
 /// The device's publish grants in EMQX's client-info ACL format. Publishes are the hot path (every message
 /// id is a new topic, so per-topic caches miss); carrying the grants in the authn answer lets the broker
 /// decide them itself. Subscriptions, rare and wildcard-laden, keep going through the authz hook, where
@@ -234,8 +244,10 @@ pub async fn rmqtt_auth(State(state): State<SharedState>, p: HookParams) -> Json
         AuthnDecision::AllowDevice => {
             Json(json!({"result": "allow", "superuser": false, "acl": device_full_acl(username)}))
         }
+        // A token client's whole grant, decided in the broker on the identity authenticated at CONNECT, for the
+        // same reason as a device's: the acl hook could be asked under a rewritten username.
         AuthnDecision::AllowToken { acl, expire_at } => {
-            Json(json!({"result": "allow", "superuser": false, "acl": broker_grants(&acl), "expire_at": expire_at}))
+            Json(json!({"result": "allow", "superuser": false, "acl": token_full_acl(&acl), "expire_at": expire_at}))
         }
         AuthnDecision::Deny(_) => Json(json!({"result": "deny"})),
     }
@@ -248,9 +260,16 @@ pub async fn rmqtt_acl(State(state): State<SharedState>, p: HookParams) -> Json<
     // here). So a device question reaching this hook is either such an internal publish or something to
     // refuse, and the identity presented here may have been rewritten by rmqtt-auth-http's placeholders on
     // an external RMQTT (emqx-config/README.md, section 10): never grant it a subscription or a plain topic.
-    let allowed = match (DeviceRef::from_broker_username(p.get("username")), action) {
-        (Some(_), Some(Action::Subscribe)) => false,
-        (Some(_), Some(Action::Publish)) if !has_inner_dollar_level(p.get("topic")) => false,
+    // Token clients got their whole grant the same way, and a token has no namespace of its own that a
+    // rewritten identity could be confined to: the hook grants them nothing.
+    let allowed = match (crate::identity::parse_username(p.get("username")), action) {
+        (Ok(crate::identity::Principal::Token(_)), _) => false,
+        (Ok(crate::identity::Principal::Device(_)), Some(Action::Subscribe)) => false,
+        (Ok(crate::identity::Principal::Device(_)), Some(Action::Publish))
+            if !has_inner_dollar_level(p.get("topic")) =>
+        {
+            false
+        }
         _ => authz(&state, &p, action).await,
     };
     Json(json!({"result": if allowed { "allow" } else { "deny" }}))

@@ -120,6 +120,10 @@ enum Work {
     Feedback(CommandChange),
     /// A request iothub answers itself (`get/.../$ntp/...`).
     Internal(InternalRequest),
+    /// A client connected under an identity iothub never accepts: kick it.
+    Intruder {
+        username: String,
+    },
     /// Nothing to store; the label says why (metrics).
     Skip(&'static str),
 }
@@ -134,7 +138,7 @@ impl Work {
             Work::Request { device, .. } => Some(device),
             Work::Internal(request) => Some(&request.device),
             Work::Feedback(change) if matches!(change.transition, Transition::Replied { .. }) => Some(&change.device),
-            Work::Feedback(_) | Work::Presence(_) | Work::Skip(_) => None,
+            Work::Feedback(_) | Work::Presence(_) | Work::Intruder { .. } | Work::Skip(_) => None,
         }
     }
 
@@ -146,6 +150,7 @@ impl Work {
             Work::Internal(_) => "internal",
             Work::Feedback(_) => "reply",
             Work::Presence(_) => "presence",
+            Work::Intruder { .. } => "intruder",
             Work::Skip(_) => "skip",
         }
     }
@@ -197,20 +202,28 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
             keepalive,
             clean_start,
             node,
-        } => match device_of(username.as_deref()) {
-            Some(device) => Work::Presence(PresenceChange::Connected {
-                device,
-                client_id,
-                session_key,
-                connected_at,
-                ip_address,
-                proto_ver,
-                keepalive: keepalive.unwrap_or(0),
-                clean_start,
-                node,
-            }),
-            None => Work::Skip("not_a_device"),
-        },
+        } => {
+            let raw_username = username.as_deref().unwrap_or("");
+            if crate::identity::check_identity(raw_username, &client_id).is_err() {
+                // A broker that let this identity in (an external RMQTT fills its auth request's placeholders,
+                // so iothub saw another username at CONNECT): it is disconnected at once.
+                return Work::Intruder { username: raw_username.to_string() };
+            }
+            match device_of(username.as_deref()) {
+                Some(device) => Work::Presence(PresenceChange::Connected {
+                    device,
+                    client_id,
+                    session_key,
+                    connected_at,
+                    ip_address,
+                    proto_ver,
+                    keepalive: keepalive.unwrap_or(0),
+                    clean_start,
+                    node,
+                }),
+                None => Work::Skip("not_a_device"),
+            }
+        }
         BrokerEvent::Disconnected {
             client_id,
             username,
@@ -362,6 +375,7 @@ fn classify_publish(
 /// (tags, shadow, NTP) and OTA reports.
 #[derive(Clone)]
 pub struct DeviceControl {
+    pub kicks: crate::domain::kicks::KickService,
     pub commands: CommandService,
     pub tags: TagService,
     pub shadows: ShadowService,
@@ -529,6 +543,18 @@ impl Worker {
                     internal.push(request);
                 }
                 Work::Skip(why) => count("publish", why),
+                Work::Intruder { username } => {
+                    count("presence", "intruder");
+                    metrics::counter!("iothub_broker_identity_refused_total", "reason" => "connected_anyway")
+                        .increment(1);
+                    tracing::warn!("a client connected under a malformed identity; kicking it");
+                    let kicks = self.control.kicks.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = kicks.request(&username).await {
+                            tracing::error!(error = %e, "could not record the kick of a malformed identity");
+                        }
+                    });
+                }
                 Work::Request { key, event, .. } => {
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Event(event)));

@@ -88,6 +88,27 @@ async fn hook_contracts() {
     .await;
     assert_eq!(b["result"], "allow");
     assert_eq!(b["acl"], json!([{"permission": "allow", "action": "publish", "topic": "ops/#"}]), "{b}");
+    // RMQTT gets the whole grant (it decides in the broker) ending in a deny; its acl hook grants tokens nothing,
+    // since an external RMQTT may present it a rewritten username.
+    let (_, b) = post_json(
+        &hub,
+        "/broker/rmqtt/auth",
+        &token,
+        json!({"clientid": "svc.ops", "username": "svc.ops", "password": jwt}),
+    )
+    .await;
+    let rules = b["acl"].as_array().unwrap();
+    assert_eq!(rules.len(), 5, "{b}");
+    assert_eq!(rules[2], json!({"permission": "deny", "action": "publish", "topic": "ops/secret"}));
+    assert_eq!(rules[4], json!({"permission": "deny", "action": "all", "topic": "#"}));
+    let (_, b) = post_json(
+        &hub,
+        "/broker/rmqtt/acl",
+        &token,
+        json!({"access": "1", "clientid": "svc.ops", "username": "svc.ops", "topic": "ops/x"}),
+    )
+    .await;
+    assert_eq!(b["result"], "deny");
     let sys = json!({"clientid": "svc.ops", "username": "svc.ops", "topic": "$SYS/#", "action": "subscribe"});
     let (_, b) = post_json(&hub, "/broker/emqx5/authz", &token, sys).await;
     assert_eq!(b["result"], "deny", "a granted `ops/#` or wildcard never reaches $SYS");

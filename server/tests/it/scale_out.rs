@@ -194,6 +194,8 @@ struct Cluster {
     api: Api,
     mqtt: SocketAddr,
     exchange_prefix: String,
+    /// The broker hook token, for asking the instances (through the load balancer) as a broker would.
+    hook_token: String,
     _db: TestDatabase,
     _secrets: tempfile::TempDir,
 }
@@ -277,15 +279,16 @@ impl Cluster {
             http: reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap(),
         };
         let mqtt: SocketAddr = ([127, 0, 0, 1], mqtt_port).into();
-        Self { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db: db, _secrets: secrets }
+        let hook_token = format!("hook{tag}");
+        Self { a, b, port_b, b_env, api, mqtt, exchange_prefix, hook_token, _db: db, _secrets: secrets }
     }
 
     /// Stops B (SIGTERM) and starts it again with the same configuration.
     async fn restart_b(self) -> Self {
-        let Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db, _secrets } = self;
+        let Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, hook_token, _db, _secrets } = self;
         b.terminate().await;
         let b = HubProcess::spawn("B again", port_b, &b_env).await;
-        Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, _db, _secrets }
+        Cluster { a, b, port_b, b_env, api, mqtt, exchange_prefix, hook_token, _db, _secrets }
     }
 }
 
@@ -469,11 +472,35 @@ async fn token_clients_keep_their_acl_on_every_instance() {
     }
     assert!(!subscribe("upload_data/#").await, "wider than the grant");
     assert!(!subscribe("cmd/p/d0/+/+/+/#").await, "outside the grant");
+    // RMQTT decides a token's subscriptions itself from its authn answer; EMQX 5 and EMQX 4 ask the authz
+    // hook, without any credential, on any instance. Asked through the balancer, both instances answer from
+    // the grant stored when the bundled broker's CONNECT was authenticated.
+    let (lb_base, hook_token) = (cluster.api.base.clone(), cluster.hook_token.clone());
+    let hub_authz = |filter: String| {
+        let (base, token) = (lb_base.clone(), hook_token.clone());
+        async move {
+            let body =
+                json!({"clientid": "svc.monitor", "username": "svc.monitor", "topic": filter, "action": "subscribe"});
+            let r = reqwest::Client::new()
+                .post(format!("{base}/broker/emqx5/authz"))
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["result"] == "allow"
+        }
+    };
+    for i in 0..6 {
+        assert!(hub_authz(format!("upload_data/p/h{i}/+/+")).await, "EMQX-style authz {i} refused");
+    }
+    assert!(!hub_authz("cmd/p/d0/+/+/+/#".into()).await);
 
     // B restarts (A holds the broker): the grant was stored, not kept in memory.
     let cluster = cluster.restart_b().await;
     for i in 0..6 {
         assert!(subscribe(&format!("upload_data/p/e{i}/+/+")).await, "allowed filter {i} refused after a restart");
+        assert!(hub_authz(format!("upload_data/p/k{i}/+/+")).await, "EMQX-style authz {i} refused after a restart");
     }
     assert!(!subscribe("update_status/p/+/+").await, "outside the grant after a restart");
     drop(client);
