@@ -27,6 +27,7 @@ pub struct Config {
     pub rabbitmq: RabbitMqConfig,
     pub events: EventsConfig,
     pub commands: CommandsConfig,
+    pub limits: LimitsConfig,
     pub retention: RetentionConfig,
 }
 
@@ -216,6 +217,35 @@ pub struct CommandsConfig {
     pub max_tag_targets: u32,
 }
 
+/// Per-device limits on device-generated work (`domain/limits.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Messages, reports and data requests one device may have stored or announced per second (per instance);
+    /// 0: unlimited.
+    pub device_messages_per_sec: u32,
+    /// Burst above that rate.
+    pub device_messages_burst: u32,
+    /// Internal `$` requests (`$ntp`, `$tags`, `$shadow*`) one device may have answered per second; 0: unlimited.
+    pub device_requests_per_sec: u32,
+    /// Burst above that rate.
+    pub device_requests_burst: u32,
+    /// Internal requests answered at once by one instance (each may hold a database connection).
+    pub internal_concurrency: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            device_messages_per_sec: 100,
+            device_messages_burst: 200,
+            device_requests_per_sec: 10,
+            device_requests_burst: 20,
+            internal_concurrency: 4,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
@@ -281,6 +311,7 @@ impl Default for Config {
             rabbitmq: RabbitMqConfig::default(),
             events: EventsConfig::default(),
             commands: CommandsConfig::default(),
+            limits: LimitsConfig::default(),
             retention: RetentionConfig::default(),
         }
     }
@@ -453,6 +484,10 @@ impl Config {
     fn validate_limits(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.cache.device_ttl_ms <= 60_000, "cache.device_ttl_ms must be at most 60000");
         anyhow::ensure!(self.http.sse_streams_per_key >= 1, "http.sse_streams_per_key must be at least 1");
+        anyhow::ensure!(
+            (1..=1024).contains(&self.limits.internal_concurrency),
+            "limits.internal_concurrency must be between 1 and 1024"
+        );
         anyhow::ensure!(
             (1..=100_000).contains(&self.commands.max_tag_targets),
             "commands.max_tag_targets must be between 1 and 100000"

@@ -309,7 +309,12 @@ impl Application {
                 shadows: shadows.clone(),
                 ota: ota.clone(),
             },
-            IngestSettings { batch_max: config.events.batch_max, workers: config.events.workers, lease_ms },
+            IngestSettings {
+                batch_max: config.events.batch_max,
+                workers: config.events.workers,
+                lease_ms,
+                limits: crate::domain::limits::DeviceLimits::new(&config.limits),
+            },
         );
 
         let state = Arc::new(AppState {

@@ -203,11 +203,14 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
             clean_start,
             node,
         } => {
-            let raw_username = username.as_deref().unwrap_or("");
-            if crate::identity::check_identity(raw_username, &client_id).is_err() {
-                // A broker that let this identity in (an external RMQTT fills its auth request's placeholders,
-                // so iothub saw another username at CONNECT): it is disconnected at once.
-                return Work::Intruder { username: raw_username.to_string() };
+            // A broker let in a username iothub never accepts (an external RMQTT fills its auth request's
+            // placeholders, so iothub saw another username at CONNECT): it is disconnected at once. (A client id
+            // is not checked here: webhooks name sessions the broker authenticated, and a rewritten client id
+            // alone reaches nothing, since authz checks it against the username it is given.)
+            if let Some(raw) = username.as_deref().filter(|u| !u.is_empty()) {
+                if crate::identity::parse_username(raw).is_err() {
+                    return Work::Intruder { username: raw.to_string() };
+                }
             }
             match device_of(username.as_deref()) {
                 Some(device) => Work::Presence(PresenceChange::Connected {
@@ -386,6 +389,8 @@ pub struct IngestSettings {
     pub batch_max: usize,
     pub workers: usize,
     pub lease_ms: i64,
+    /// Per-device rates and the bound on internal requests answered at once.
+    pub limits: crate::domain::limits::DeviceLimits,
 }
 
 struct Job {
@@ -426,6 +431,16 @@ impl IngestService {
         settings: IngestSettings,
     ) -> Self {
         let settings = Arc::new(settings);
+        let idle = Arc::downgrade(&settings);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(settings) = idle.upgrade() else { break };
+                settings.limits.forget_idle();
+            }
+        });
         let commands = control.commands.clone();
         let mut shards = Vec::with_capacity(settings.workers.max(1));
         for _ in 0..settings.workers.max(1) {
@@ -539,6 +554,10 @@ impl Worker {
                     feedback.push(change);
                 }
                 Work::Internal(request) => {
+                    if !self.settings.limits.admit_request(&request.device) {
+                        count("publish", "rate_limited");
+                        continue;
+                    }
                     count("publish", "internal");
                     internal.push(request);
                 }
@@ -555,7 +574,11 @@ impl Worker {
                         }
                     });
                 }
-                Work::Request { key, event, .. } => {
+                Work::Request { key, event, device } => {
+                    if !self.settings.limits.admit_message(&device) {
+                        count("publish", "rate_limited");
+                        continue;
+                    }
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Event(event)));
                     } else {
@@ -563,6 +586,10 @@ impl Worker {
                     }
                 }
                 Work::Message { key, message } => {
+                    if !self.settings.limits.admit_message(&message.device) {
+                        count("publish", "rate_limited");
+                        continue;
+                    }
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Message(message)));
                     } else {
@@ -570,6 +597,10 @@ impl Worker {
                     }
                 }
                 Work::Report { key, report, event } => {
+                    if !self.settings.limits.admit_message(&report.device) {
+                        count("publish", "rate_limited");
+                        continue;
+                    }
                     // Rollouts follow every report, replays included (their updates are idempotent and
                     // time-ordered), so a retry after a failure below still applies them.
                     match report.kind {
@@ -658,8 +689,13 @@ impl Worker {
         self.control.ota.after_reports(&ota_progress, &ota_status).await?;
         self.control.commands.devices_connected(connected);
         for request in internal {
+            // Bounded: all slots busy sheds the request (counted) rather than queueing device-made work.
+            let Some(slot) = self.settings.limits.internal_slot() else { continue };
             let control = self.control.clone();
-            tokio::spawn(async move { answer_internal(&control, request).await });
+            tokio::spawn(async move {
+                answer_internal(&control, request).await;
+                drop(slot);
+            });
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())

@@ -7,6 +7,7 @@ pub mod events;
 pub mod history;
 pub mod ingest;
 pub mod kicks;
+pub mod limits;
 pub mod ota;
 pub mod registry;
 pub mod relay;

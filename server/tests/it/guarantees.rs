@@ -153,3 +153,104 @@ async fn a_suspension_bites_while_the_broker_api_is_down(db: Db) {
     broker.stop().await;
     hub.stop().await;
 }
+
+/// Floods from `flooder` for `duration` (`$ntp` requests or data), while ten other devices connect one
+/// after another; returns the slowest of those CONNECTs.
+async fn flood_while_others_connect(
+    hub: &TestHub,
+    flooder: (&str, &str),
+    others: &[(String, String)],
+    topic_of: fn(u64) -> String,
+    duration: Duration,
+) -> (Duration, Arc<std::sync::Mutex<Vec<String>>>) {
+    let (client, mut eventloop) = must_connect(hub.mqtt_addr, flooder.0, flooder.0, flooder.1).await;
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = received.clone();
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(rumqttc::Packet::Publish(p))) => seen.lock().unwrap().push(p.topic.clone()),
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let flood = tokio::spawn(async move {
+        let end = tokio::time::Instant::now() + duration;
+        let mut n = 0u64;
+        while tokio::time::Instant::now() < end {
+            n += 1;
+            let _ = client.publish(topic_of(n), QoS::AtMostOnce, false, r#"{"device_time":1}"#).await;
+        }
+        n
+    });
+    let mut slowest = Duration::ZERO;
+    for (device, secret) in others.iter().cycle().take(30) {
+        let started = std::time::Instant::now();
+        let (c, e) = must_connect(hub.mqtt_addr, device, device, secret).await;
+        slowest = slowest.max(started.elapsed());
+        let _ = c.disconnect().await;
+        drive(e);
+        if flood.is_finished() {
+            break;
+        }
+    }
+    let sent = flood.await.unwrap();
+    assert!(sent > 2_000, "the flood was a flood: {sent} publishes");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    driver.abort();
+    (slowest, received)
+}
+
+both_backends!(one_device_cannot_starve_the_others, one_device_cannot_starve_the_others);
+/// One device publishing `$ntp` requests (then data) as fast as it can gets answers (storage) at a bounded
+/// rate, the rest is shed and counted, and the other devices' CONNECTs stay fast. (Before the limits, one
+/// device got ~2,300 answers a second, and on PostgreSQL those requests drew from the pool authn needs.)
+async fn one_device_cannot_starve_the_others(db: Db) {
+    let hub = TestHub::start_with(db, |c| {
+        c.limits.device_requests_per_sec = 10;
+        c.limits.device_requests_burst = 20;
+        c.limits.device_messages_per_sec = 100;
+        c.limits.device_messages_burst = 200;
+    })
+    .await;
+    hub.create_product("p").await;
+    let flooder = hub.register("p", "flood").await;
+    let mut others = Vec::new();
+    for i in 0..10 {
+        let d = format!("d{i}");
+        let secret = hub.register("p", &d).await;
+        others.push((format!("p/{d}"), secret));
+    }
+
+    let seconds = 4;
+    let (slowest, received) = flood_while_others_connect(
+        &hub,
+        ("p/flood", &flooder),
+        &others,
+        |n| format!("get/p/flood/$ntp/n{n}"),
+        Duration::from_secs(seconds),
+    )
+    .await;
+    let answers = received.lock().unwrap().iter().filter(|t| t.contains("$set_ntp")).count() as u64;
+    assert!(answers >= 10, "the flooder still gets answers: {answers}");
+    assert!(answers <= 10 * (seconds + 2) + 20, "answers at most at the configured rate: {answers}");
+    assert!(metric(&hub, "iothub_device_rate_limited_total").await > 1_000.0, "the excess is counted");
+    assert!(slowest < Duration::from_secs(2), "a CONNECT took {slowest:?} during the flood");
+
+    let seconds = 3;
+    let (slowest, _) = flood_while_others_connect(
+        &hub,
+        ("p/flood", &flooder),
+        &others,
+        |n| format!("upload_data/p/flood/temp/u{n}"),
+        Duration::from_secs(seconds),
+    )
+    .await;
+    let stored = stored_message_ids(&hub, "p", "flood").await.len() as u64;
+    assert!(stored >= 100, "the flooder's data is stored up to its rate: {stored}");
+    // Admission happens when a webhook is ingested, which may trail the flood by a second or two.
+    assert!(stored <= 100 * (seconds + 2) + 200, "and no more: {stored}");
+    assert!(slowest < Duration::from_secs(2), "a CONNECT took {slowest:?} during the data flood");
+    hub.stop().await;
+}
