@@ -200,6 +200,7 @@ impl Application {
                     hooks_base_url: hooks_url,
                     hook_token: hook_token.clone(),
                     api_token: api_token.clone(),
+                    auto_subscribe_delay: None,
                     identity_gate: true,
                 })
                 .await

@@ -568,6 +568,7 @@ async fn floor(args: &Args, devices: &[(String, String)], database_url: &str, am
         hooks_base_url: sink,
         hook_token: uuid::Uuid::new_v4().to_string(),
         api_token: api_token.clone(),
+        auto_subscribe_delay: None,
         identity_gate: true,
     })
     .await?;

@@ -223,6 +223,41 @@ impl BrokerApi for HttpBroker {
         Ok(ids)
     }
 
+    /// EMQX 5: `GET /subscriptions?clientid=` (`{"data": [{"topic"}]}`); EMQX 4: `GET /subscriptions/{clientid}`
+    /// (`{"code": 0, "data": [...]}`); RMQTT: `GET /subscriptions/{clientid}` (a bare array, 404 when the
+    /// client is not connected).
+    #[tracing::instrument(skip(self), name = "broker.subscriptions_of")]
+    async fn subscriptions_of(&self, client_id: &str) -> Result<Vec<String>> {
+        let rb = match self.flavour {
+            Flavour::Emqx5 => self
+                .http
+                .get(format!("{}/subscriptions", self.base))
+                .query(&[("clientid", client_id), ("limit", "1000")]),
+            Flavour::Emqx4 | Flavour::Rmqtt => {
+                self.http.get(format!("{}/subscriptions/{}", self.base, encode_segment(client_id)))
+            }
+        };
+        let resp = self.send(rb, "list subscriptions").await?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        if !status.is_success() {
+            return Err(unexpected("list subscriptions", status, &body));
+        }
+        let json: Value = serde_json::from_str(&body).map_err(|_| unexpected("list subscriptions", status, &body))?;
+        let items = match &json {
+            Value::Array(items) => items,
+            Value::Object(o) => match o.get("data") {
+                Some(Value::Array(items)) => items,
+                _ => return Err(unexpected("list subscriptions", status, &body)),
+            },
+            _ => return Err(unexpected("list subscriptions", status, &body)),
+        };
+        Ok(items.iter().filter_map(|s| s.get("topic").and_then(Value::as_str)).map(str::to_string).collect())
+    }
+
     #[tracing::instrument(skip_all, fields(topic = %message.topic, qos = message.qos), name = "broker.publish")]
     async fn publish(&self, message: &OutboundMessage) -> Result<Published> {
         let url = format!("{}/{}", self.base, if self.flavour == Flavour::Emqx5 { "publish" } else { "mqtt/publish" });

@@ -39,6 +39,9 @@ pub struct EmbeddedBrokerSettings {
     pub hook_token: String,
     /// Bearer token protecting the broker's http-api.
     pub api_token: String,
+    /// Delays the broker's auto-subscription step after CONNECT (tests only: it opens, on purpose, the window
+    /// in which the connect webhook has arrived but the device is not subscribed yet).
+    pub auto_subscribe_delay: Option<Duration>,
     /// Runs iothub's identity gate before every plugin. Always on in iothub; off only in tests that stand in
     /// for an external RMQTT built from the same plugins and emqx-config/'s RMQTT files.
     pub identity_gate: bool,
@@ -129,6 +132,24 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
     ])
 }
 
+/// The auto-subscription step, late (see [`EmbeddedBrokerSettings::auto_subscribe_delay`]).
+struct DelayedAutoSubscription {
+    inner: Box<dyn rmqtt::subscribe::AutoSubscription>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl rmqtt::subscribe::AutoSubscription for DelayedAutoSubscription {
+    fn enable(&self) -> bool {
+        self.inner.enable()
+    }
+
+    async fn subscribes(&self, id: &Id) -> rmqtt::Result<Vec<rmqtt::types::Subscribe>> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.subscribes(id).await
+    }
+}
+
 pub struct EmbeddedBroker {
     runtime: Option<tokio::runtime::Runtime>,
     scx: ServerContext,
@@ -152,6 +173,7 @@ impl EmbeddedBroker {
         let mqtt_listen = settings.mqtt_listen;
         let tls = settings.tls.clone();
         let identity_gate = settings.identity_gate;
+        let auto_subscribe_delay = settings.auto_subscribe_delay;
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("rmqtt").enable_all().build()?;
         let boot = runtime.spawn(async move {
@@ -189,6 +211,11 @@ impl EmbeddedBroker {
             rmqtt_web_hook::register(&scx, true, false).await.context("rmqtt-web-hook")?;
             rmqtt_http_api::register(&scx, true, false).await.context("rmqtt-http-api")?;
             rmqtt_auto_subscription::register(&scx, true, false).await.context("rmqtt-auto-subscription")?;
+            if let Some(delay) = auto_subscribe_delay {
+                let mut slot = scx.extends.auto_subscription_mut().await;
+                let inner = std::mem::replace(&mut *slot, Box::new(rmqtt::subscribe::DefaultAutoSubscription));
+                *slot = Box::new(DelayedAutoSubscription { inner, delay });
+            }
             let listener = Builder::new()
                 .name("external/tcp")
                 .laddr(mqtt_listen)
@@ -303,6 +330,7 @@ mod tests {
             hooks_base_url: "http://127.0.0.1:8080".into(),
             hook_token: "t".into(),
             api_token: "a".into(),
+            auto_subscribe_delay: None,
             identity_gate: true,
         };
         let configs = plugin_configs(&settings).unwrap();
@@ -337,6 +365,7 @@ mod tests {
             hooks_base_url: "http://127.0.0.1:8080".into(),
             hook_token: "t".into(),
             api_token: "a".into(),
+            auto_subscribe_delay: None,
             identity_gate: true,
         };
         let configs = plugin_configs(&settings).unwrap();

@@ -49,6 +49,8 @@ const NO_SUBSCRIBER_RETRY_MS: i64 = 2_000;
 const BROKER_RETRY_MS: i64 = 5_000;
 /// Most commands one scheduler round expires or sends.
 const SWEEP_BATCH: u32 = 500;
+/// How long queued commands wait, after a device connects, for the broker to list its command subscription.
+const SUBSCRIBED_WAIT: Duration = Duration::from_secs(5);
 /// Most commands one group commit logs; more callers wait for the next one.
 const INTAKE_BATCH: usize = 512;
 /// Group commits in flight at once: one writes while the next group gathers and the previous publishes.
@@ -601,19 +603,53 @@ impl CommandService {
         let this = self.clone();
         tokio::spawn(async move {
             let inner = &this.inner;
-            match inner
+            let claimed = match inner
                 .commands
                 .claim_commands(&ClaimScope::Devices(devices), now_ms(), inner.settings.dispatch_lease_ms, SWEEP_BATCH)
                 .await
             {
-                Ok(claimed) => {
-                    this.dispatch(claimed).await;
-                }
+                Ok(claimed) => claimed,
                 Err(e) => {
-                    tracing::warn!(error = %e, "queued commands not claimed on connect; the scheduler will retry")
+                    tracing::warn!(error = %e, "queued commands not claimed on connect; the scheduler will retry");
+                    return;
                 }
+            };
+            // The connect webhook can come before the broker has subscribed the device (RMQTT and EMQX run
+            // their auto-subscription after the connected hook): a publish then reaches nobody. So each
+            // device's queued commands go out once the broker lists its command subscription.
+            let mut by_device: HashMap<DeviceRef, Vec<CommandRecord>> = HashMap::new();
+            for command in claimed {
+                by_device.entry(command.device.clone()).or_default().push(command);
+            }
+            for (device, commands) in by_device {
+                let this = this.clone();
+                tokio::spawn(async move {
+                    this.wait_subscribed(&device).await;
+                    this.dispatch(commands).await;
+                });
             }
         });
+    }
+
+    /// Waits until a live connection of `device` is subscribed to its command topic, at most
+    /// [`SUBSCRIBED_WAIT`] (then sends anyway: a broker API that cannot tell must not hold commands back
+    /// longer than that).
+    async fn wait_subscribed(&self, device: &DeviceRef) {
+        let filter = crate::topics::AUTO_SUBSCRIPTIONS[0].replace("${username}", &device.broker_username());
+        let deadline = tokio::time::Instant::now() + SUBSCRIBED_WAIT;
+        loop {
+            match self.inner.broker.is_subscribed(&device.broker_username(), &filter).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::debug!(%device, error = %e, "subscription not readable; retrying"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                metrics::counter!("iothub_commands_subscription_wait_timeouts_total").increment(1);
+                tracing::warn!(%device, "no command subscription seen in time; sending queued commands anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// [`Self::dispatch`] in its own task: an HTTP caller that goes away (or times out) must not cancel it

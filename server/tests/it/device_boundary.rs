@@ -200,6 +200,7 @@ async fn an_external_rmqtt_without_the_gate_still_keeps_devices_apart() {
         hooks_base_url: hub.base.clone(),
         hook_token,
         api_token,
+        auto_subscribe_delay: None,
         identity_gate: false,
     })
     .await

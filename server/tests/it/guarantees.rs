@@ -50,6 +50,14 @@ impl ApiSwitch {
 /// iothub configured for an external RMQTT (the bundled composition, started by the test), whose
 /// management API it reaches through an [`ApiSwitch`].
 async fn hub_with_switchable_broker_api(db: Db) -> (TestHub, EmbeddedBroker, ApiSwitch) {
+    hub_with_external_rmqtt(db, None).await
+}
+
+/// The same, with the broker's auto-subscription step delayed by `auto_subscribe_delay`.
+async fn hub_with_external_rmqtt(
+    db: Db,
+    auto_subscribe_delay: Option<Duration>,
+) -> (TestHub, EmbeddedBroker, ApiSwitch) {
     let api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let switch = ApiSwitch::start(api_listen).await;
     let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
@@ -72,6 +80,7 @@ async fn hub_with_switchable_broker_api(db: Db) -> (TestHub, EmbeddedBroker, Api
         hooks_base_url: hub.base.clone(),
         hook_token,
         api_token,
+        auto_subscribe_delay,
         identity_gate: true,
     })
     .await
@@ -253,5 +262,35 @@ async fn one_device_cannot_starve_the_others(db: Db) {
     // Admission happens when a webhook is ingested, which may trail the flood by a second or two.
     assert!(stored <= 100 * (seconds + 2) + 200, "and no more: {stored}");
     assert!(slowest < Duration::from_secs(2), "a CONNECT took {slowest:?} during the data flood");
+    hub.stop().await;
+}
+
+both_backends!(queued_commands_survive_the_connect_race, queued_commands_survive_the_connect_race);
+/// The broker reports a connect before it has subscribed the device (RMQTT and EMQX run auto-subscription
+/// after the connected hook); here that step is held back 1.5 s on purpose. A command queued while the
+/// device was offline still reaches it on connect, with no retry policy. (Before, iothub published it the
+/// moment the connect webhook arrived, to nobody, and the command sat `sent` until its TTL.)
+async fn queued_commands_survive_the_connect_race(db: Db) {
+    let (hub, broker, _switch) = hub_with_external_rmqtt(db, Some(Duration::from_millis(1_500))).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let (s, v) = hub
+        .call(Method::POST, "/api/v1/products/p/devices/d/commands", Some(serde_json::json!({"name": "reboot"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["state"], "queued", "{v}");
+    let request_id = v["request_id"].as_str().unwrap().to_string();
+
+    let (client, eventloop) = must_connect(broker.mqtt_addr(), "p/d", "p/d", &secret).await;
+    let (_inbox, device) = crate::commands::answering_device(client, eventloop, "d");
+    let path = format!("/api/v1/products/p/devices/d/commands/{request_id}");
+    let done = eventually(Duration::from_secs(15), "the queued command replied", || async {
+        let (_, c) = hub.call(Method::GET, &path, None).await;
+        (c["state"] == "replied").then_some(c)
+    })
+    .await;
+    assert_eq!(done["attempts"], 1, "sent once, after the subscription: {done}");
+    device.abort();
+    broker.stop().await;
     hub.stop().await;
 }
