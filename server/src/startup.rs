@@ -127,28 +127,8 @@ fn persisted_secret(path: &Path) -> anyhow::Result<String> {
         std::fs::create_dir_all(dir)?;
     }
     let secret = random_token();
-    write_private(path, &secret)?;
+    crate::secrets::write_private(path, &secret)?;
     Ok(secret)
-}
-
-fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        // `mode` only applies to new files; an existing file is tightened too.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(content.as_bytes())?;
-    Ok(())
 }
 
 pub struct Application {
@@ -238,7 +218,7 @@ impl Application {
             let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
             let path = config.data_dir.join("admin-api-key");
             std::fs::create_dir_all(&config.data_dir)?;
-            write_private(&path, key.expose())?;
+            crate::secrets::write_private(&path, key.expose())?;
             tracing::warn!(path = %path.display(), "no API key existed; wrote a bootstrap admin key to this file (mode 0600)");
         }
 

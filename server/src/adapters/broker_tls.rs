@@ -44,21 +44,9 @@ fn generate(dir: &Path, cert_path: &Path, key_path: &Path, hostnames: &[String])
     names.extend(hostnames.iter().filter(|h| !names.contains(h)).cloned().collect::<Vec<_>>());
     let certified = rcgen::generate_simple_self_signed(names).context("generating the broker's TLS certificate")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_private(key_path, certified.key_pair.serialize_pem().as_bytes())?;
+    crate::secrets::write_private(key_path, &certified.key_pair.serialize_pem())?;
     std::fs::write(cert_path, certified.cert.pem()).with_context(|| format!("writing {}", cert_path.display()))?;
     tracing::info!(cert = %cert_path.display(), "generated a self-signed TLS certificate for the bundled broker");
-    Ok(())
-}
-
-/// Writes a file readable by its owner only (the key never exists with wider permissions).
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

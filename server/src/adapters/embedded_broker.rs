@@ -320,10 +320,8 @@ impl Drop for EmbeddedBroker {
 mod tests {
     use super::*;
 
-    /// The bundled broker forwards the same events as the documented external RMQTT config.
-    #[test]
-    fn web_hook_rules_match_the_published_config() {
-        let settings = EmbeddedBrokerSettings {
+    fn settings() -> EmbeddedBrokerSettings {
+        EmbeddedBrokerSettings {
             mqtt_listen: "127.0.0.1:1883".parse().unwrap(),
             tls: None,
             api_listen: "127.0.0.1:6060".parse().unwrap(),
@@ -332,7 +330,13 @@ mod tests {
             api_token: "a".into(),
             auto_subscribe_delay: None,
             identity_gate: true,
-        };
+        }
+    }
+
+    /// The bundled broker forwards the same events as the documented external RMQTT config.
+    #[test]
+    fn web_hook_rules_match_the_published_config() {
+        let settings = settings();
         let configs = plugin_configs(&settings).unwrap();
         let (_, web_hook) = configs.iter().find(|(name, _)| *name == "rmqtt-web-hook").unwrap();
         let rules =
@@ -358,16 +362,7 @@ mod tests {
     /// The fail-closed settings published for an external RMQTT are the ones the bundled broker runs with.
     #[test]
     fn auth_and_acl_settings_match_the_published_config() {
-        let settings = EmbeddedBrokerSettings {
-            mqtt_listen: "127.0.0.1:1883".parse().unwrap(),
-            tls: None,
-            api_listen: "127.0.0.1:6060".parse().unwrap(),
-            hooks_base_url: "http://127.0.0.1:8080".into(),
-            hook_token: "t".into(),
-            api_token: "a".into(),
-            auto_subscribe_delay: None,
-            identity_gate: true,
-        };
+        let settings = settings();
         let configs = plugin_configs(&settings).unwrap();
         for (plugin, file, expected_lines) in
             [("rmqtt-auth-http", "rmqtt-auth-http.toml", 6), ("rmqtt-acl", "rmqtt-acl.toml", 2)]

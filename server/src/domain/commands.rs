@@ -51,6 +51,8 @@ const BROKER_RETRY_MS: i64 = 5_000;
 const SWEEP_BATCH: u32 = 500;
 /// How long queued commands wait, after a device connects, for the broker to list its command subscription.
 const SUBSCRIBED_WAIT: Duration = Duration::from_secs(5);
+/// A session younger than this may not be subscribed yet: an RPC checks with the broker first.
+const FRESH_CONNECT_MS: i64 = 5_000;
 /// Most commands one group commit logs; more callers wait for the next one.
 const INTAKE_BATCH: usize = 512;
 /// Group commits in flight at once: one writes while the next group gathers and the previous publishes.
@@ -374,6 +376,14 @@ impl CommandService {
         Self::validate(&request)?;
         let started = tokio::time::Instant::now();
         let inner = &self.inner;
+        // A device that connected moments ago may not be subscribed yet (the broker reports the connect
+        // before its auto-subscription): then the RPC waits for the subscription, within its own timeout.
+        if let Some(record) = inner.store.get_device(device).await? {
+            let connected_ago = now_ms() - record.last_seen_at.unwrap_or(i64::MIN / 2);
+            if record.online && connected_ago < FRESH_CONNECT_MS {
+                self.wait_subscribed_to(device, 1, timeout / 2).await;
+            }
+        }
         let command = self.new_command(device, request, CommandMode::Rpc);
         // The waiter is registered before the command is logged, so no reply can slip past it.
         let waiter =
@@ -635,8 +645,13 @@ impl CommandService {
     /// [`SUBSCRIBED_WAIT`] (then sends anyway: a broker API that cannot tell must not hold commands back
     /// longer than that).
     async fn wait_subscribed(&self, device: &DeviceRef) {
-        let filter = crate::topics::AUTO_SUBSCRIPTIONS[0].replace("${username}", &device.broker_username());
-        let deadline = tokio::time::Instant::now() + SUBSCRIBED_WAIT;
+        self.wait_subscribed_to(device, 0, SUBSCRIBED_WAIT).await
+    }
+
+    /// [`Self::wait_subscribed`] for the device's `AUTO_SUBSCRIPTIONS[which]` filter, at most `limit`.
+    async fn wait_subscribed_to(&self, device: &DeviceRef, which: usize, limit: Duration) {
+        let filter = crate::topics::AUTO_SUBSCRIPTIONS[which].replace("${username}", &device.broker_username());
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             match self.inner.broker.is_subscribed(&device.broker_username(), &filter).await {
                 Ok(true) => return,
@@ -645,7 +660,7 @@ impl CommandService {
             }
             if tokio::time::Instant::now() >= deadline {
                 metrics::counter!("iothub_commands_subscription_wait_timeouts_total").increment(1);
-                tracing::warn!(%device, "no command subscription seen in time; sending queued commands anyway");
+                tracing::warn!(%device, "no command subscription seen in time; sending anyway");
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -294,3 +294,35 @@ async fn queued_commands_survive_the_connect_race(db: Db) {
     broker.stop().await;
     hub.stop().await;
 }
+
+both_backends!(an_rpc_right_after_connect_is_answered, an_rpc_right_after_connect_is_answered);
+/// An RPC sent the instant the API shows a device online, while the broker has not subscribed it yet (its
+/// auto-subscription held back 1.5 s), is answered. (Before, it was published to nobody and answered 504.)
+async fn an_rpc_right_after_connect_is_answered(db: Db) {
+    let (hub, broker, _switch) = hub_with_external_rmqtt(db, Some(Duration::from_millis(1_500))).await;
+    hub.create_product("p").await;
+    let secret = hub.register("p", "d").await;
+    let mqtt = broker.mqtt_addr();
+    // The device's CONNACK comes only after the delayed subscription step; its connect webhook before.
+    let device = tokio::spawn(async move {
+        let (client, eventloop) = must_connect(mqtt, "p/d", "p/d", &secret).await;
+        let (_inbox, task) = crate::commands::answering_device(client, eventloop, "d");
+        let _ = task.await;
+    });
+    eventually(Duration::from_secs(10), "device online", || async {
+        let (_, v) = hub.call(Method::GET, "/api/v1/products/p/devices/d", None).await;
+        (v["online"] == true).then_some(())
+    })
+    .await;
+    let (s, v) = hub
+        .call(
+            Method::POST,
+            "/api/v1/products/p/devices/d/rpc",
+            Some(serde_json::json!({"name": "ping", "timeout_ms": 5000})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    device.abort();
+    broker.stop().await;
+    hub.stop().await;
+}
