@@ -181,30 +181,7 @@ async fn must_be_refused_or_dropped(addr: std::net::SocketAddr, client_id: &str,
 /// carries the raw username, gets the intruder kicked at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_rmqtt_without_the_gate_still_keeps_devices_apart() {
-    use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
-    let api_listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
-    let hub = TestHub::start_with(Db::Sqlite, |c| {
-        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
-        c.broker.api_url = format!("http://{api_listen}");
-        c.broker.api_key = api_token.clone();
-        c.broker.hook_token = hook_token.clone();
-        c.auth.jwt_secret = "j".repeat(40);
-        c.commands.sweep_ms = 200;
-    })
-    .await;
-    let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
-        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-        api_listen,
-        hooks_base_url: hub.base.clone(),
-        hook_token,
-        api_token,
-        auto_subscribe_delay: None,
-        identity_gate: false,
-    })
-    .await
-    .unwrap();
+    let (hub, broker, _api) = hub_with_external_rmqtt(Db::Sqlite, false, None).await;
     let mqtt = broker.mqtt_addr();
     hub.create_product("p").await;
     let s4 = hub.register("p", "d4").await;

@@ -1,92 +1,15 @@
 //! What iothub promises not to lose or keep, each shown against the real components with the failure
 //! injected on purpose (docs/operations.md, "What is guaranteed").
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
 use reqwest::{Method, StatusCode};
 use rumqttc::{Event, QoS};
 
 use crate::both_backends;
 use crate::helpers::*;
-
-/// A TCP proxy in front of the broker's management API that a test can cut: while cut, every connection is
-/// accepted and closed at once, as an unreachable or crashing API looks to iothub.
-struct ApiSwitch {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-}
-
-impl ApiSwitch {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let is_cut = cut.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if is_cut.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        Self { addr, cut }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::SeqCst);
-    }
-}
-
-/// iothub configured for an external RMQTT (the bundled composition, started by the test), whose
-/// management API it reaches through an [`ApiSwitch`].
-async fn hub_with_switchable_broker_api(db: Db) -> (TestHub, EmbeddedBroker, ApiSwitch) {
-    hub_with_external_rmqtt(db, None).await
-}
-
-/// The same, with the broker's auto-subscription step delayed by `auto_subscribe_delay`.
-async fn hub_with_external_rmqtt(
-    db: Db,
-    auto_subscribe_delay: Option<Duration>,
-) -> (TestHub, EmbeddedBroker, ApiSwitch) {
-    let api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let switch = ApiSwitch::start(api_listen).await;
-    let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
-    let api_url = format!("http://{}", switch.addr);
-    let (hook, api) = (hook_token.clone(), api_token.clone());
-    let hub = TestHub::start_with(db, move |c| {
-        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
-        c.broker.api_url = api_url;
-        c.broker.api_key = api;
-        c.broker.api_timeout_ms = 1_000;
-        c.broker.hook_token = hook;
-        c.auth.jwt_secret = "j".repeat(40);
-        c.commands.sweep_ms = 200;
-    })
-    .await;
-    let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
-        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
-        tls: None,
-        api_listen,
-        hooks_base_url: hub.base.clone(),
-        hook_token,
-        api_token,
-        auto_subscribe_delay,
-        identity_gate: true,
-    })
-    .await
-    .unwrap();
-    (hub, broker, switch)
-}
 
 async fn metric(hub: &TestHub, name: &str) -> f64 {
     let text = hub.http.get(format!("{}/metrics", hub.base)).send().await.unwrap().text().await.unwrap();
@@ -289,7 +212,7 @@ both_backends!(queued_commands_survive_the_connect_race, queued_commands_survive
 /// device was offline still reaches it on connect, with no retry policy. (Before, iothub published it the
 /// moment the connect webhook arrived, to nobody, and the command sat `sent` until its TTL.)
 async fn queued_commands_survive_the_connect_race(db: Db) {
-    let (hub, broker, _switch) = hub_with_external_rmqtt(db, Some(Duration::from_millis(1_500))).await;
+    let (hub, broker, _switch) = hub_with_external_rmqtt(db, true, Some(Duration::from_millis(1_500))).await;
     hub.create_product("p").await;
     let secret = hub.register("p", "d").await;
     let (s, v) = hub
@@ -317,7 +240,7 @@ both_backends!(an_rpc_right_after_connect_is_answered, an_rpc_right_after_connec
 /// An RPC sent the instant the API shows a device online, while the broker has not subscribed it yet (its
 /// auto-subscription held back 1.5 s), is answered. (Before, it was published to nobody and answered 504.)
 async fn an_rpc_right_after_connect_is_answered(db: Db) {
-    let (hub, broker, _switch) = hub_with_external_rmqtt(db, Some(Duration::from_millis(1_500))).await;
+    let (hub, broker, _switch) = hub_with_external_rmqtt(db, true, Some(Duration::from_millis(1_500))).await;
     hub.create_product("p").await;
     let secret = hub.register("p", "d").await;
     let mqtt = broker.mqtt_addr();

@@ -5,8 +5,11 @@
 //! sets it). Each test creates its own database and drops it afterwards.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
 use iothub::config::Config;
 use iothub::startup::Application;
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -484,4 +487,81 @@ pub fn drive(mut eventloop: EventLoop) -> JoinHandle<()> {
             }
         }
     })
+}
+
+/// A TCP proxy in front of the broker's management API that a test can cut: while cut, every connection is
+/// accepted and closed at once, as an unreachable or crashing API looks to iothub.
+pub struct ApiSwitch {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl ApiSwitch {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let is_cut = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if is_cut.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+}
+
+/// iothub configured for an external RMQTT (the bundled composition, started by the test), whose
+/// management API it reaches through an [`ApiSwitch`].
+pub async fn hub_with_switchable_broker_api(db: Db) -> (TestHub, EmbeddedBroker, ApiSwitch) {
+    hub_with_external_rmqtt(db, true, None).await
+}
+
+/// The same, choosing whether the broker runs iothub's identity gate (an external RMQTT does not) and
+/// delaying its auto-subscription step by `auto_subscribe_delay`.
+pub async fn hub_with_external_rmqtt(
+    db: Db,
+    identity_gate: bool,
+    auto_subscribe_delay: Option<Duration>,
+) -> (TestHub, EmbeddedBroker, ApiSwitch) {
+    let api_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let switch = ApiSwitch::start(api_listen).await;
+    let (hook_token, api_token) = ("h".repeat(40), "a".repeat(40));
+    let api_url = format!("http://{}", switch.addr);
+    let (hook, api) = (hook_token.clone(), api_token.clone());
+    let hub = TestHub::start_with(db, move |c| {
+        c.broker.kind = iothub::config::BrokerKind::Rmqtt;
+        c.broker.api_url = api_url;
+        c.broker.api_key = api;
+        c.broker.api_timeout_ms = 1_000;
+        c.broker.hook_token = hook;
+        c.auth.jwt_secret = "j".repeat(40);
+        c.commands.sweep_ms = 200;
+    })
+    .await;
+    let broker = EmbeddedBroker::start(EmbeddedBrokerSettings {
+        mqtt_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        api_listen,
+        hooks_base_url: hub.base.clone(),
+        hook_token,
+        api_token,
+        auto_subscribe_delay,
+        identity_gate,
+    })
+    .await
+    .unwrap();
+    (hub, broker, switch)
 }
