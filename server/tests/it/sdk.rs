@@ -207,9 +207,9 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
         ids.push(device.device.upload_data("burst", format!("{{\"n\":{n}}}")).await.unwrap());
     }
     hub.state.broker.kick_username("p/d").await.unwrap();
-    eventually(Duration::from_secs(10), "kicked", || async { (device.saw("disconnected") >= 1).then_some(()) }).await;
-    eventually(Duration::from_secs(15), "back", || async { (device.saw("connected") >= 2).then_some(()) }).await;
-    eventually(Duration::from_secs(15), "the burst stored", || async {
+    eventually(Duration::from_secs(30), "kicked", || async { (device.saw("disconnected") >= 1).then_some(()) }).await;
+    eventually(Duration::from_secs(30), "back", || async { (device.saw("connected") >= 2).then_some(()) }).await;
+    eventually(Duration::from_secs(30), "the burst stored", || async {
         let (_, v) = hub.call(Method::GET, "/api/v1/products/p/devices/d/messages?limit=1000", None).await;
         (v["items"].as_array()?.len() >= 200).then_some(())
     })
@@ -217,7 +217,7 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
     // Suspended, it is kicked again and cannot come back (its data would be dropped: none is sent meanwhile).
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/d/suspend", None).await;
     assert_eq!(s, StatusCode::OK);
-    eventually(Duration::from_secs(10), "kicked", || async { (device.saw("disconnected") >= 2).then_some(()) }).await;
+    eventually(Duration::from_secs(30), "kicked", || async { (device.saw("disconnected") >= 2).then_some(()) }).await;
     online(&hub, "d", false).await;
     // Data sent while the connection is down waits in the SDK and goes out after the reconnect.
     for n in 0..3 {
@@ -226,9 +226,9 @@ async fn sdk_reconnects_after_the_broker_drops_it() {
     // While suspended, the reconnect attempts are refused; after resume one of them gets in.
     let (s, _) = hub.call(Method::POST, "/api/v1/products/p/devices/d/resume", None).await;
     assert_eq!(s, StatusCode::OK);
-    eventually(Duration::from_secs(15), "reconnected", || async { (device.saw("connected") >= 3).then_some(()) }).await;
+    eventually(Duration::from_secs(30), "reconnected", || async { (device.saw("connected") >= 3).then_some(()) }).await;
     online(&hub, "d", true).await;
-    let stored = eventually(Duration::from_secs(15), "every message stored", || async {
+    let stored = eventually(Duration::from_secs(30), "every message stored", || async {
         let (_, v) = hub.call(Method::GET, "/api/v1/products/p/devices/d/messages?limit=1000", None).await;
         let stored: std::collections::HashSet<String> =
             v["items"].as_array()?.iter().filter_map(|m| m["message_id"].as_str().map(str::to_string)).collect();
