@@ -185,6 +185,11 @@ pub struct RabbitMqConfig {
     pub exchange_prefix: String,
     /// Connect and publisher-confirm timeout, in milliseconds.
     pub timeout_ms: u64,
+    /// Durable queue of broker events (EMQX's RabbitMQ action fills it; iothub declares it). Empty: broker
+    /// events arrive by webhook only. Needs `url`.
+    pub ingest_queue: String,
+    /// Most broker events from that queue in flight on this instance (AMQP prefetch).
+    pub ingest_prefetch: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -279,7 +284,13 @@ impl Default for RedisConfig {
 
 impl Default for RabbitMqConfig {
     fn default() -> Self {
-        Self { url: String::new(), exchange_prefix: "iothub.events".into(), timeout_ms: 5_000 }
+        Self {
+            url: String::new(),
+            exchange_prefix: "iothub.events".into(),
+            timeout_ms: 5_000,
+            ingest_queue: String::new(),
+            ingest_prefetch: 500,
+        }
     }
 }
 
@@ -451,7 +462,22 @@ impl Config {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_broker()?;
+        self.validate_ingest_queue()?;
         self.validate_limits()
+    }
+
+    fn validate_ingest_queue(&self) -> anyhow::Result<()> {
+        let queue = &self.rabbitmq.ingest_queue;
+        if queue.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(!self.rabbitmq.url.is_empty(), "rabbitmq.ingest_queue needs rabbitmq.url");
+        anyhow::ensure!(
+            queue.len() <= 200 && queue.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            "rabbitmq.ingest_queue must be at most 200 characters of [A-Za-z0-9._-]"
+        );
+        anyhow::ensure!(self.rabbitmq.ingest_prefetch >= 1, "rabbitmq.ingest_prefetch must be at least 1");
+        Ok(())
     }
 
     fn validate_broker(&self) -> anyhow::Result<()> {
@@ -569,6 +595,19 @@ mod tests {
         config.events.publish_linger_ms = 26;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("events.publish_linger_ms"), "{error}");
+    }
+
+    #[test]
+    fn the_broker_event_queue_needs_rabbitmq_and_a_plain_name() {
+        let mut config = Config::default();
+        config.rabbitmq.ingest_queue = "iothub.ingest".into();
+        assert!(config.validate().unwrap_err().to_string().contains("needs rabbitmq.url"));
+        config.rabbitmq.url = "amqp://localhost".into();
+        assert!(config.validate().is_ok());
+        for bad in ["a b", "q#", "x".repeat(201).as_str()] {
+            config.rabbitmq.ingest_queue = bad.into();
+            assert!(config.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

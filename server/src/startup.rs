@@ -24,6 +24,7 @@ use crate::adapters::rabbitmq::RabbitBus;
 use crate::adapters::redis_dedup::RedisDedup;
 use crate::adapters::redis_replies::RedisReplies;
 use crate::adapters::sqlite::SqliteStore;
+use crate::api::broker_queue::{BrokerQueue, QueueSettings};
 use crate::api::{self, AppState, SharedState};
 use crate::config::{BrokerKind, Config};
 use crate::domain::access::AccessService;
@@ -136,6 +137,8 @@ pub struct Application {
     state: SharedState,
     config: Config,
     embedded: Option<EmbeddedBroker>,
+    /// The broker-event queue consumer, awaited at shutdown so what it holds is acknowledged or handed back.
+    broker_queue_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -279,6 +282,7 @@ impl Application {
         let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone(), relay.clone(), lease_ms);
         let ota =
             OtaService::new(ota_store, command_log.clone(), store.clone(), commands.clone(), relay.clone(), lease_ms);
+        let closing = tokio::sync::watch::channel(false).0;
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
@@ -298,6 +302,22 @@ impl Application {
             },
         );
 
+        let (broker_queue, broker_queue_task) = if config.rabbitmq.ingest_queue.is_empty() {
+            (None, None)
+        } else {
+            let (queue, task) = BrokerQueue::start(
+                QueueSettings {
+                    url: config.rabbitmq.url.clone(),
+                    queue: config.rabbitmq.ingest_queue.clone(),
+                    prefetch: config.rabbitmq.ingest_prefetch,
+                    timeout: Duration::from_millis(config.rabbitmq.timeout_ms),
+                },
+                ingest.clone(),
+                closing.subscribe(),
+            );
+            (Some(queue), Some(task))
+        };
+
         let state = Arc::new(AppState {
             history: HistoryService::new(store.clone()),
             store,
@@ -312,12 +332,13 @@ impl Application {
             ota,
             dedup,
             bus,
+            broker_queue,
             hook_token,
-            closing: tokio::sync::watch::channel(false).0,
+            closing,
             event_streams: crate::api::StreamSlots::new(config.http.sse_streams_per_key),
             metrics: telemetry::metrics_handle(),
         });
-        Ok(Self { listener, state, config, embedded })
+        Ok(Self { listener, state, config, embedded, broker_queue_task })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -364,6 +385,9 @@ impl Application {
             }
         });
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        if let Some(task) = self.broker_queue_task {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
         tracing::info!("iothub stopped");
         served.map_err(Into::into)
     }

@@ -31,14 +31,19 @@ pub async fn readyz(State(state): State<SharedState>) -> (StatusCode, Json<Value
         }
         json!({"name": name, "kind": kind, "critical": critical, "ok": r.is_ok()})
     };
-    let checks = vec![
+    let mut checks = vec![
         check("database", state.store.backend(), true, &store),
         check("broker", state.broker.kind(), false, &broker),
         check("dedup", state.dedup.kind(), false, &dedup),
         check("events", state.bus.kind(), false, &bus),
     ];
+    // Events wait in the queue while no instance consumes it: degraded, not unready.
+    let queue = state.broker_queue.as_ref().map(|q| q.ping());
+    if let (Some(q), Some(result)) = (&state.broker_queue, &queue) {
+        checks.push(check("broker_queue", q.kind(), false, result));
+    }
     let ready = store.is_ok();
-    let degraded = broker.is_err() || dedup.is_err() || bus.is_err();
+    let degraded = broker.is_err() || dedup.is_err() || bus.is_err() || queue.is_some_and(|q| q.is_err());
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let label = match (ready, degraded) {
         (false, _) => "not_ready",

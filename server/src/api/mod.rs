@@ -1,4 +1,6 @@
 //! The HTTP edge: routing, authentication of callers, request parsing and response shapes.
+//! (`broker_queue` is the one edge that is not HTTP: broker events consumed from RabbitMQ, parsed by the
+//! same code as the event webhooks.)
 //!
 //! Handlers translate HTTP to domain calls and back; they hold no SQL and no business rules. Three
 //! audiences share the listener: business systems (`/api/v1`, API keys), the broker (`/broker/*`, a shared
@@ -7,6 +9,7 @@
 pub mod api_keys;
 pub mod broker_events;
 pub mod broker_hooks;
+pub mod broker_queue;
 pub mod commands;
 pub mod devices;
 pub mod extract;
@@ -58,6 +61,8 @@ pub struct AppState {
     pub ota: OtaService,
     pub dedup: Arc<dyn Deduplicator>,
     pub bus: Arc<dyn EventBus>,
+    /// The RabbitMQ queue broker events also arrive on (`rabbitmq.ingest_queue`), when configured.
+    pub broker_queue: Option<broker_queue::BrokerQueue>,
     pub hook_token: String,
     /// Flips to `true` when shutdown begins, so long-lived responses (SSE) end and HTTP can drain.
     pub closing: tokio::sync::watch::Sender<bool>,

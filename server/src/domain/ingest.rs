@@ -115,6 +115,8 @@ enum Work {
         key: String,
         device: DeviceRef,
         event: BusEvent,
+        /// When the broker received it.
+        sent_at: i64,
     },
     /// A delivery report or reply for the command log.
     Feedback(CommandChange),
@@ -367,7 +369,7 @@ fn classify_publish(
                 });
             }
             let event = events::data_request(&publisher, resource, message_id, &payload, sent_at, now);
-            Work::Request { key: key("g", message_id), device: publisher, event }
+            Work::Request { key: key("g", message_id), device: publisher, event, sent_at }
         }
         // Devices message each other directly through the broker; iothub only sees it if configured to.
         Upstream::M2m { .. } => Work::Skip("m2m"),
@@ -534,6 +536,8 @@ impl Worker {
         let mut internal = Vec::new();
         let (mut ota_progress, mut ota_status) = (Vec::new(), Vec::new());
         let mut seen_keys = std::collections::HashSet::new();
+        // Devices whose data buckets this batch drew from, refunded if it is not stored (its retry draws again).
+        let mut charged: Vec<(DeviceRef, i64)> = Vec::new();
         let work: Vec<Work> = events.into_iter().map(|event| classify(event, now)).collect();
         let active = self.active_speakers(&work).await?;
         for work in work {
@@ -574,11 +578,12 @@ impl Worker {
                         }
                     });
                 }
-                Work::Request { key, event, device } => {
-                    if !self.settings.limits.admit_message(&device) {
+                Work::Request { key, event, device, sent_at } => {
+                    if !self.settings.limits.admit_message(&device, sent_at) {
                         count("publish", "rate_limited");
                         continue;
                     }
+                    charged.push((device.clone(), sent_at));
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Event(event)));
                     } else {
@@ -586,10 +591,11 @@ impl Worker {
                     }
                 }
                 Work::Message { key, message } => {
-                    if !self.settings.limits.admit_message(&message.device) {
+                    if !self.settings.limits.admit_message(&message.device, message.sent_at) {
                         count("publish", "rate_limited");
                         continue;
                     }
+                    charged.push((message.device.clone(), message.sent_at));
                     if seen_keys.insert(key.clone()) {
                         keyed.push((key, Keyed::Message(message)));
                     } else {
@@ -597,10 +603,11 @@ impl Worker {
                     }
                 }
                 Work::Report { key, report, event } => {
-                    if !self.settings.limits.admit_message(&report.device) {
+                    if !self.settings.limits.admit_message(&report.device, report.reported_at) {
                         count("publish", "rate_limited");
                         continue;
                     }
+                    charged.push((report.device.clone(), report.reported_at));
                     // Rollouts follow every report, replays included (their updates are idempotent and
                     // time-ordered), so a retry after a failure below still applies them.
                     match report.kind {
@@ -679,7 +686,10 @@ impl Worker {
             .collect();
         batch.presence = presence;
         if !batch.is_empty() {
-            self.store_batch(batch, claimed, now).await?;
+            if let Err(e) = self.store_batch(batch, claimed, now).await {
+                self.settings.limits.refund_messages(&charged);
+                return Err(e);
+            }
         }
         // Replies and delivery reports are idempotent by themselves (a state only moves forward), so they
         // need no dedup claims; a failure answers 503 and the broker's retry applies them again.

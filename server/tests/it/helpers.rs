@@ -443,7 +443,7 @@ impl EventConsumer {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(event)) => seen.push(event),
                 Ok(None) => panic!("consumer stopped; got {seen:?}"),
-                Err(_) => panic!("timed out waiting for events; got {seen:#?}"),
+                Err(_) => panic!("timed out waiting for events ({} received); got {seen:#?}", seen.len()),
             }
         }
         seen

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod broker_auth;
+mod broker_queue;
 mod cli;
 mod commands;
 mod device_boundary;
