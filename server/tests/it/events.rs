@@ -231,6 +231,9 @@ async fn rabbitmq_outage_loses_nothing() {
         c.rabbitmq.url = hub_url;
         c.rabbitmq.timeout_ms = 2_000;
         c.events.outbox_sweep_ms = 200;
+        // Rows whose publish failed wait out their lease before the sweep retries them: keep that short so
+        // the test measures loss, not the default 30 s lease on a loaded machine.
+        c.events.outbox_lease_ms = 2_000;
     })
     .await;
     hub.create_product("p1").await;
