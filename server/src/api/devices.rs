@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{device_ref, product_id, ApiJson, ApiQuery, OptionalJson, ReadAccess, WriteAccess};
-use super::products::{next_page, page_limit};
+use super::page::{next_page, page_limit};
 use super::SharedState;
 use crate::domain::kicks::KickOutcome;
 use crate::domain::registry::{IssuedDevice, MAX_BULK};

@@ -15,7 +15,11 @@ pub mod devices;
 pub mod extract;
 pub mod health;
 pub mod openapi;
+pub mod ota;
+pub mod page;
 pub mod products;
+pub mod shadows;
+pub mod tags;
 pub mod telemetry;
 pub mod tokens;
 
@@ -137,19 +141,16 @@ pub fn router(state: SharedState, request_timeout: Duration, body_limit: usize) 
         .route("/products/{product_id}/devices/{device_id}/commands", post(commands::send).get(commands::list))
         .route("/products/{product_id}/devices/{device_id}/commands/{request_id}", get(commands::get))
         .route("/products/{product_id}/devices/{device_id}/rpc", post(commands::rpc))
-        .route("/products/{product_id}/devices/{device_id}/tags", get(commands::get_tags).put(commands::set_tags))
-        .route("/products/{product_id}/tags/{tag}/commands", post(commands::send_to_tag))
+        .route("/products/{product_id}/devices/{device_id}/tags", get(tags::get_tags).put(tags::set_tags))
+        .route("/products/{product_id}/tags/{tag}/commands", post(tags::send_to_tag))
         .route(
             "/products/{product_id}/devices/{device_id}/shadow",
-            get(commands::get_shadow).put(commands::update_shadow),
+            get(shadows::get_shadow).put(shadows::update_shadow),
         )
-        .route(
-            "/products/{product_id}/devices/{device_id}/ota",
-            post(commands::push_ota_device).get(commands::device_ota),
-        )
-        .route("/products/{product_id}/tags/{tag}/ota", post(commands::push_ota_tag))
-        .route("/products/{product_id}/ota-rollouts/{rollout_id}", get(commands::get_rollout))
-        .route("/products/{product_id}/tag-commands/{request_id}", get(commands::get_tag_command))
+        .route("/products/{product_id}/devices/{device_id}/ota", post(ota::push_ota_device).get(ota::device_ota))
+        .route("/products/{product_id}/tags/{tag}/ota", post(ota::push_ota_tag))
+        .route("/products/{product_id}/ota-rollouts/{rollout_id}", get(ota::get_rollout))
+        .route("/products/{product_id}/tag-commands/{request_id}", get(tags::get_tag_command))
         .route("/events", get(telemetry::stream))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
         .route("/api-keys/{key_id}", delete(api_keys::revoke))

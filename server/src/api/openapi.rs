@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{api_keys, commands, devices, products, telemetry, tokens};
+use super::{api_keys, commands, devices, ota, products, shadows, tags, telemetry, tokens};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,9 +24,9 @@ use super::{api_keys, commands, devices, products, telemetry, tokens};
         tokens::issue,
         telemetry::list_messages, telemetry::get_message, telemetry::get_status, telemetry::stream,
         commands::send, commands::rpc, commands::get, commands::list,
-        commands::get_tags, commands::set_tags, commands::send_to_tag, commands::get_tag_command,
-        commands::get_shadow, commands::update_shadow,
-        commands::push_ota_device, commands::push_ota_tag, commands::get_rollout, commands::device_ota,
+        tags::get_tags, tags::set_tags, tags::send_to_tag, tags::get_tag_command,
+        shadows::get_shadow, shadows::update_shadow,
+        ota::push_ota_device, ota::push_ota_tag, ota::get_rollout, ota::device_ota,
     ),
     components(schemas(crate::error::Problem)),
     modifiers(&ApiKeyAuth),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{product_id, ApiJson, ApiQuery, ReadAccess, WriteAccess};
+use super::page::{next_page, page_limit, PageQuery};
 use super::SharedState;
 use crate::error::{Error, Problem, Result};
 use crate::ids::ProductId;
@@ -55,32 +56,6 @@ pub struct ProductPage {
     /// Pass as `cursor` to get the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct PageQuery {
-    /// Opaque cursor from the previous page.
-    pub cursor: Option<String>,
-    /// Page size, 1-1000 (default 100).
-    pub limit: Option<u32>,
-}
-
-/// Trims the look-ahead row fetched beyond `limit` and returns the cursor of the next page, if any.
-pub fn next_page<T>(items: &mut Vec<T>, limit: u32, cursor_of: impl Fn(&T) -> String) -> Option<String> {
-    if items.len() as u32 > limit {
-        items.truncate(limit as usize);
-        items.last().map(cursor_of)
-    } else {
-        None
-    }
-}
-
-pub fn page_limit(limit: Option<u32>) -> Result<u32> {
-    match limit.unwrap_or(100) {
-        l @ 1..=1000 => Ok(l),
-        _ => Err(Error::validation("limit", "must be between 1 and 1000")),
-    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{device_ref, product_id, ApiQuery, ReadAccess};
-use super::products::{next_page, page_limit};
+use super::page::{decode_cursor, next_page, page_limit, time_cursor};
 use super::SharedState;
 use crate::domain::events::EventKind;
 use crate::error::{Error, Problem, Result};
@@ -20,7 +20,6 @@ use crate::ports::store::{MessageFilter, MessageRecord, ReportKind};
 use crate::topics::{is_message_id, is_name};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-const CURSOR: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// One `upload_data` message.
 #[derive(Debug, Serialize, ToSchema)]
@@ -78,19 +77,6 @@ pub struct MessageQuery {
 
 fn encode_cursor(m: &Message) -> String {
     time_cursor(m.sent_at, &m.message_id)
-}
-
-/// An opaque cursor for lists ordered by `(time, id)`.
-pub(super) fn time_cursor(at: i64, id: &str) -> String {
-    CURSOR.encode(format!("{at}:{id}"))
-}
-
-/// Reads a [`time_cursor`].
-pub(super) fn decode_cursor(raw: &str) -> Result<(i64, String)> {
-    let bad = || Error::validation("cursor", "not a cursor from a previous page");
-    let text = String::from_utf8(CURSOR.decode(raw).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (at, id) = text.split_once(':').ok_or_else(bad)?;
-    Ok((at.parse().map_err(|_| bad())?, id.to_string()))
 }
 
 #[utoipa::path(get, path = "/api/v1/products/{product_id}/devices/{device_id}/messages", tag = "telemetry",
