@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::config::BrokerKind;
 use crate::error::{Error, Result};
-use crate::ports::broker::{BrokerApi, OutboundMessage, Published};
+use crate::model::broker::{OutboundMessage, Published};
+use crate::ports::broker::BrokerApi;
 
 /// Everything but unreserved characters is encoded, so `/` can never split the path.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');

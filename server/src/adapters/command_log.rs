@@ -15,9 +15,10 @@ use super::postgres::{pair_outbox_ids, PgStore};
 use super::sqlite::SqliteStore;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::model::commands::*;
+use crate::model::event_bus::BusEvent;
+use crate::model::store::OutboxRecord;
 use crate::ports::commands::*;
-use crate::ports::event_bus::BusEvent;
-use crate::ports::store::OutboxRecord;
 
 const COLUMNS: &str = "product_id, device_id, request_id, mode, name, payload_format, payload, qos, idempotency_key, \
      state, created_at, expires_at, sent_at, delivered_at, replied_at, expired_at, failed_at, failure, attempts, \
@@ -339,7 +340,7 @@ macro_rules! command_row {
 
 macro_rules! create_rollout_body {
     ($self:expr, $sql:expr, $begin:expr, $outbox:ident, $rollout:expr, $commands:expr, $queued_event:expr, $now:expr, $lease_ms:expr) => {{
-        let r: &crate::ports::ota::NewRollout = $rollout;
+        let r: &crate::model::ota::NewRollout = $rollout;
         let mut tx = $begin.begin().await?;
         sqlx::query(&$sql.insert_rollout)
             .bind(r.id.as_str())
@@ -638,7 +639,7 @@ impl CommandStore for PgStore {
     #[tracing::instrument(skip_all, fields(rollout = %rollout.id, targets = commands.len()), name = "pg.create_rollout")]
     async fn create_rollout(
         &self,
-        rollout: &crate::ports::ota::NewRollout,
+        rollout: &crate::model::ota::NewRollout,
         commands: &[NewCommand],
         queued_event: QueuedEvent<'_>,
         now: i64,
@@ -1059,7 +1060,7 @@ impl CommandStore for SqliteStore {
     #[tracing::instrument(skip_all, fields(rollout = %rollout.id, targets = commands.len()), name = "sqlite.create_rollout")]
     async fn create_rollout(
         &self,
-        rollout: &crate::ports::ota::NewRollout,
+        rollout: &crate::model::ota::NewRollout,
         commands: &[NewCommand],
         queued_event: QueuedEvent<'_>,
         now: i64,

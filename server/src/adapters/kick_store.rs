@@ -9,7 +9,8 @@ use sqlx::Row;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use crate::error::Result;
-use crate::ports::kicks::{KickStore, PendingKick};
+use crate::model::kicks::PendingKick;
+use crate::ports::kicks::KickStore;
 
 const REQUEST: &str = "INSERT INTO pending_kicks (username, requested_at, next_attempt_at, attempts)
      VALUES ($1, $2, $3, 0)

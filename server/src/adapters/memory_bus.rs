@@ -9,7 +9,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
 use crate::error::Result;
-use crate::ports::event_bus::{BusEvent, EventBus};
+use crate::model::event_bus::BusEvent;
+use crate::ports::event_bus::EventBus;
 
 pub struct MemoryBus {
     tx: broadcast::Sender<BusEvent>,

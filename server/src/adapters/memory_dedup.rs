@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use moka::future::Cache;
 
 use crate::error::Result;
-use crate::ports::dedup::{Claim, Deduplicator};
+use crate::model::dedup::Claim;
+use crate::ports::dedup::Deduplicator;
 
 #[derive(Clone, Copy, Debug)]
 enum State {

@@ -200,14 +200,8 @@ macro_rules! connection_event {
                 (device, client_id, session_key, "disconnected")
             }
         };
-        crate::domain::events::ConnectionEvent {
-            event_id: crate::domain::events::ConnectionEvent::id_for(
-                device,
-                client_id,
-                session_key,
-                event,
-                change.at(),
-            ),
+        crate::model::events::ConnectionEvent {
+            event_id: crate::model::events::ConnectionEvent::id_for(device, client_id, session_key, event, change.at()),
             event: event.to_string(),
             product_id: device.product.to_string(),
             device_id: device.device.to_string(),
@@ -245,19 +239,6 @@ macro_rules! connection_row {
     }};
 }
 pub(crate) use connection_row;
-
-/// The payload as JSON text a JSON column accepts, or `None`. Parsed into a value (which refuses what
-/// PostgreSQL's JSONB would: lone surrogate escapes, numbers out of range) and written back normalised
-/// (exponents PostgreSQL's `numeric` cannot hold become plain floats), and without NUL escapes, which
-/// JSONB rejects. One bad payload must never fail a whole group of other devices' events.
-pub(crate) fn storable_json(bytes: &[u8]) -> Option<(serde_json::Value, String)> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let text = serde_json::to_string(&value).ok()?;
-    if text.contains("\\u0000") {
-        return None;
-    }
-    Some((value, text))
-}
 
 /// Rows of `(product_id, device_id)` as device references (rows that are not valid ids are skipped: the
 /// registry never writes them).

@@ -11,7 +11,8 @@ use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::ports::ota::{OtaProgress, OtaStore, RolloutRecord, TargetRecord};
+use crate::model::ota::{OtaProgress, RolloutRecord, TargetRecord};
+use crate::ports::ota::OtaStore;
 
 const ROLLOUT_COLUMNS: &str = "r.id, r.product_id, r.tag, r.type, r.version, r.url, r.size, r.md5, r.created_at";
 const TARGET_COLUMNS: &str = "t.rollout_id, t.device_id, t.state, t.progress, t.error, t.progress_at, t.succeeded_at, \

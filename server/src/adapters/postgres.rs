@@ -10,10 +10,11 @@ use sqlx::Row;
 use super::active_set;
 use super::conflict_or;
 use super::{connection_event, connection_row, presence_sql};
-use crate::domain::events::EventKind;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::ports::event_bus::BusEvent;
+use crate::model::event_bus::BusEvent;
+use crate::model::event_bus::EventKind;
+use crate::model::store::*;
 use crate::ports::store::*;
 use crate::secrets::SecretHash;
 
@@ -23,7 +24,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/pos
 pub struct PgStore {
     pool: PgPool,
     /// Sessions with `synchronous_commit = off`, for writes whose loss in a database crash costs only a
-    /// repetition (see [`crate::ports::commands::Durability`]): no fsync wait, no extra round trip.
+    /// repetition (see [`crate::model::commands::Durability`]): no fsync wait, no extra round trip.
     relaxed: PgPool,
 }
 
@@ -61,10 +62,10 @@ impl PgStore {
     }
 
     /// The pool whose sessions commit with the given durability.
-    pub fn pool_for(&self, durability: crate::ports::commands::Durability) -> &PgPool {
+    pub fn pool_for(&self, durability: crate::model::commands::Durability) -> &PgPool {
         match durability {
-            crate::ports::commands::Durability::Required => &self.pool,
-            crate::ports::commands::Durability::Relaxed => &self.relaxed,
+            crate::model::commands::Durability::Required => &self.pool,
+            crate::model::commands::Durability::Relaxed => &self.relaxed,
         }
     }
 

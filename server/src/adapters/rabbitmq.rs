@@ -19,9 +19,10 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm};
 use tokio::sync::Mutex;
 
-use crate::domain::events::EventKind;
 use crate::error::{Error, Result};
-use crate::ports::event_bus::{BusEvent, EventBus};
+use crate::model::event_bus::BusEvent;
+use crate::model::event_bus::EventKind;
+use crate::ports::event_bus::EventBus;
 
 pub struct RabbitBus {
     url: String,

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
 use crate::error::{Error, Result};
-use crate::ports::dedup::{Claim, Deduplicator};
+use crate::model::dedup::Claim;
+use crate::ports::dedup::Deduplicator;
 
 pub struct RedisDedup {
     conn: ConnectionManager,

@@ -10,9 +10,9 @@ use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
-use crate::ports::event_bus::BusEvent;
+use crate::model::event_bus::BusEvent;
+use crate::model::store::OutboxRecord;
 use crate::ports::shadows::ShadowStore;
-use crate::ports::store::OutboxRecord;
 
 /// `{doc}`: the document column as text; `{new}`: the new document parameter.
 const GET: &str = "SELECT version, {doc} AS document FROM device_shadows WHERE product_id = $1 AND device_id = $2";

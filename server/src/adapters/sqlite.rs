@@ -15,10 +15,11 @@ use sqlx::Row;
 use super::active_set;
 use super::conflict_or;
 use super::{connection_event, connection_row, presence_sql};
-use crate::domain::events::EventKind;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::ports::event_bus::BusEvent;
+use crate::model::event_bus::BusEvent;
+use crate::model::event_bus::EventKind;
+use crate::model::store::*;
 use crate::ports::store::*;
 use crate::secrets::SecretHash;
 

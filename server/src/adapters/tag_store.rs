@@ -10,7 +10,8 @@ use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use crate::error::Result;
 use crate::ids::DeviceRef;
-use crate::ports::tags::{DeviceTags, TagStore};
+use crate::model::tags::DeviceTags;
+use crate::ports::tags::TagStore;
 
 const GET_DEVICE: &str = "SELECT tags_version, online FROM devices WHERE product_id = $1 AND device_id = $2";
 const BUMP: &str = "UPDATE devices SET tags_version = tags_version + 1, updated_at = $3

@@ -10,7 +10,7 @@ use super::extract::{AdminAccess, ApiJson};
 use super::SharedState;
 use crate::domain::api_keys::Scope;
 use crate::error::{Problem, Result};
-use crate::ports::store::ApiKeyRecord;
+use crate::model::store::ApiKeyRecord;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,7 @@ use crate::domain::kicks::KickOutcome;
 use crate::domain::registry::{IssuedDevice, MAX_BULK};
 use crate::error::{Error, Problem, Result};
 use crate::ids::DeviceId;
-use crate::ports::store::{ConnectionRecord, CredentialRecord, DeviceFilter, DeviceRecord, DeviceStatus};
+use crate::model::store::{ConnectionRecord, CredentialRecord, DeviceFilter, DeviceRecord, DeviceStatus};
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

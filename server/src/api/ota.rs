@@ -12,7 +12,7 @@ use super::page::{target_page, TargetPageQuery, FIRST_PAGE};
 use super::SharedState;
 use crate::domain::ota::{OtaPackage, OtaTarget};
 use crate::error::{Problem, Result};
-use crate::ports::ota::{RolloutRecord, TargetRecord};
+use crate::model::ota::{RolloutRecord, TargetRecord};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use super::page::{next_page, page_limit, PageQuery};
 use super::SharedState;
 use crate::error::{Error, Problem, Result};
 use crate::ids::ProductId;
-use crate::ports::store::ProductRecord;
+use crate::model::store::ProductRecord;
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

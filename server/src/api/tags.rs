@@ -13,7 +13,7 @@ use super::page::{target_page, TargetPageQuery};
 use super::SharedState;
 use crate::domain::commands::CommandRequest;
 use crate::error::{Problem, Result};
-use crate::ports::commands::{CommandRecord, CommandState, PayloadFormat};
+use crate::model::commands::{CommandRecord, CommandState, PayloadFormat};
 
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]

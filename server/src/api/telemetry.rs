@@ -14,9 +14,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::extract::{device_ref, product_id, ApiQuery, ReadAccess};
 use super::page::{decode_cursor, next_page, page_limit, time_cursor};
 use super::SharedState;
-use crate::domain::events::EventKind;
 use crate::error::{Error, Problem, Result};
-use crate::ports::store::{MessageFilter, MessageRecord, ReportKind};
+use crate::model::event_bus::EventKind;
+use crate::model::store::{MessageFilter, MessageRecord, ReportKind};
 use crate::topics::{is_message_id, is_name};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;

@@ -28,7 +28,8 @@ use crate::clock::now_ms;
 use crate::error::{Error, Result};
 use crate::identity::{check_identity, Principal};
 use crate::ids::DeviceRef;
-use crate::ports::store::{DeviceAuthRecord, DeviceStatus, Store, StoredTokenSession};
+use crate::model::store::{DeviceAuthRecord, DeviceStatus, StoredTokenSession};
+use crate::ports::store::Store;
 use crate::secrets::verify_device_secret;
 use crate::topics::{self, Action};
 

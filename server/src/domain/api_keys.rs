@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::ports::store::{ApiKeyRecord, Store};
+use crate::model::store::ApiKeyRecord;
+use crate::ports::store::Store;
 use crate::secrets::{new_api_key, parse_api_key, verify_api_key, PlainSecret};
 
 #[derive(

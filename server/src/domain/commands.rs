@@ -25,15 +25,18 @@ use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::clock::now_ms;
-use crate::domain::events;
 use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceRef, ProductId};
-use crate::ports::broker::{BrokerApi, OutboundMessage, Published};
+use crate::model::broker::{OutboundMessage, Published};
+use crate::model::commands::*;
+use crate::model::event_bus::BusEvent;
+use crate::model::events;
+use crate::model::store::{DeviceFilter, DeviceStatus};
+use crate::ports::broker::BrokerApi;
 use crate::ports::commands::*;
-use crate::ports::event_bus::BusEvent;
 use crate::ports::replies::{reply_key, Reply, ReplyHub};
-use crate::ports::store::{DeviceFilter, DeviceStatus, Store};
+use crate::ports::store::Store;
 use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic};
 
 /// Largest command payload accepted (brokers default to 1 MiB packets; topic and headers need room).
@@ -931,7 +934,10 @@ mod tests {
         let replied =
             Transition::Replied { at: 1, mode: CommandMode::Cmd, payload: b"ok".to_vec(), message_id: "m".into() };
         let kinds: Vec<_> = events_for(&r, &replied).iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [events::EventKind::CommandState, events::EventKind::CmdResp]);
+        assert_eq!(
+            kinds,
+            [crate::model::event_bus::EventKind::CommandState, crate::model::event_bus::EventKind::CmdResp]
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ids::{DeviceRef, ProductId};
-use crate::ports::store::{ConnectionRecord, MessageFilter, MessageRecord, ReportKind, ReportRecord, Store};
+use crate::model::store::{ConnectionRecord, MessageFilter, MessageRecord, ReportKind, ReportRecord};
+use crate::ports::store::Store;
 
 /// Sessions listed with a device, newest first.
 pub const CONNECTIONS_SHOWN: u32 = 20;

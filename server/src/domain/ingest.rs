@@ -13,20 +13,23 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::adapters::storable_json;
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
-use crate::domain::events::{self, EventKind};
 use crate::domain::ota::{parse_progress, OtaService};
 use crate::domain::relay::RelayHandle;
 use crate::domain::shadows::{ShadowService, ShadowSource};
 use crate::domain::tags::TagService;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
-use crate::ports::commands::{CommandChange, CommandMode, Transition};
-use crate::ports::dedup::{Claim, Deduplicator};
-use crate::ports::event_bus::BusEvent;
-use crate::ports::store::{IngestBatch, NewMessage, NewReport, PresenceChange, ReportKind, Store};
+use crate::model::commands::{CommandChange, CommandMode, Transition};
+use crate::model::dedup::Claim;
+use crate::model::event_bus::BusEvent;
+use crate::model::event_bus::EventKind;
+use crate::model::events;
+use crate::model::json::storable_json;
+use crate::model::store::{IngestBatch, NewMessage, NewReport, PresenceChange, ReportKind};
+use crate::ports::dedup::Deduplicator;
+use crate::ports::store::Store;
 use crate::topics::{is_internal_name, parse_downstream, parse_upstream, Upstream};
 
 /// A broker event, normalised across EMQX 5, EMQX 4 and RMQTT.
@@ -107,7 +110,7 @@ enum Work {
     Report {
         key: String,
         report: NewReport,
-        event: crate::ports::event_bus::BusEvent,
+        event: crate::model::event_bus::BusEvent,
     },
     Presence(PresenceChange),
     /// A device's data request for business systems: only an event.

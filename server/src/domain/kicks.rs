@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::error::Result;
+use crate::model::kicks::PendingKick;
 use crate::ports::broker::BrokerApi;
-use crate::ports::kicks::{KickStore, PendingKick};
+use crate::ports::kicks::KickStore;
 
 /// The follow-up kick's delay after the change.
 pub const FOLLOW_UP: Duration = Duration::from_secs(2);

@@ -3,7 +3,6 @@
 pub mod access;
 pub mod api_keys;
 pub mod commands;
-pub mod events;
 pub mod history;
 pub mod ingest;
 pub mod kicks;

@@ -11,13 +11,16 @@ use std::sync::Arc;
 
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
-use crate::domain::events;
 use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::ports::commands::{CommandMode, CommandStore, NewCommand, PayloadFormat};
-use crate::ports::ota::{NewRollout, OtaProgress, OtaStore, RolloutRecord, TargetRecord};
-use crate::ports::store::{DeviceFilter, DeviceStatus, Store};
+use crate::model::commands::{CommandMode, NewCommand, PayloadFormat};
+use crate::model::events;
+use crate::model::ota::{NewRollout, OtaProgress, RolloutRecord, TargetRecord};
+use crate::model::store::{DeviceFilter, DeviceStatus};
+use crate::ports::commands::CommandStore;
+use crate::ports::ota::OtaStore;
+use crate::ports::store::Store;
 
 /// How long an upgrade waits for an offline device by default.
 pub const DEFAULT_TTL_MS: i64 = 7 * 24 * 3600 * 1000;

@@ -13,6 +13,7 @@ use crate::domain::access::AccessService;
 use crate::domain::kicks::{KickOutcome, KickService};
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
+use crate::model::store::*;
 use crate::ports::store::*;
 use crate::secrets::{new_device_secret, PlainSecret};
 

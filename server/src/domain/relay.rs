@@ -14,8 +14,9 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::clock::now_ms;
+use crate::model::store::OutboxRecord;
 use crate::ports::event_bus::EventBus;
-use crate::ports::store::{OutboxRecord, Store};
+use crate::ports::store::Store;
 
 /// Most events published in one confirm round.
 const PUBLISH_CHUNK: usize = 2_000;

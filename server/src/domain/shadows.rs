@@ -19,10 +19,10 @@ use serde_json::{Map, Value};
 
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
-use crate::domain::events;
 use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
+use crate::model::events;
 use crate::ports::shadows::ShadowStore;
 use crate::ports::store::Store;
 
@@ -208,7 +208,7 @@ impl ShadowService {
     async fn write(&self, device: &DeviceRef, expected: i64, shadow: &Shadow, source: ShadowSource) -> Result<bool> {
         let text = serde_json::to_string(shadow).expect("shadows serialise");
         // What PostgreSQL's JSONB cannot hold (`\u0000`, numbers beyond its range) is refused, not a 500.
-        if crate::adapters::storable_json(text.as_bytes()).is_none() {
+        if crate::model::json::storable_json(text.as_bytes()).is_none() {
             return Err(Error::validation("state", "contains a value the shadow store cannot hold (e.g. \\u0000)"));
         }
         if text.len() > MAX_DOCUMENT_BYTES {

@@ -11,7 +11,8 @@ use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
-use crate::ports::tags::{DeviceTags, TagStore};
+use crate::model::tags::DeviceTags;
+use crate::ports::tags::TagStore;
 
 /// Most tags one device may carry.
 pub const MAX_TAGS: usize = 32;

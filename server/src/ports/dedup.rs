@@ -8,21 +8,9 @@
 //! (`SET NX GET PX`), the embedded profile an in-process map; the database's own unique keys stay the last
 //! line of defence either way.
 
-use async_trait::async_trait;
-
 use crate::error::Result;
-
-/// What a claim found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Never seen (or its earlier claim expired): process it.
-    New,
-    /// Another worker claimed it and has not finished. Processing again is safe (stores are idempotent)
-    /// and is what keeps the message if that worker died.
-    InFlight,
-    /// Handled within the dedup window: skip it.
-    Done,
-}
+use crate::model::dedup::*;
+use async_trait::async_trait;
 
 #[async_trait]
 pub trait Deduplicator: Send + Sync + 'static {

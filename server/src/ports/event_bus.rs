@@ -5,23 +5,10 @@
 //! `Ok` only when every event of the batch is safely handed over, which is when the outbox rows may go.
 //! `subscribe` feeds the Server-Sent Events endpoint.
 
+use crate::error::Result;
+use crate::model::event_bus::*;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
-
-use crate::domain::events::EventKind;
-use crate::error::Result;
-
-/// One event as stored in the outbox and handed to the bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BusEvent {
-    pub kind: EventKind,
-    /// The product id: RabbitMQ routing key and SSE filter.
-    pub routing_key: String,
-    /// Stable id: a replayed or republished event carries the same one.
-    pub event_id: String,
-    /// JSON document (schema in docs/events.md).
-    pub body: Vec<u8>,
-}
 
 #[async_trait]
 pub trait EventBus: Send + Sync + 'static {

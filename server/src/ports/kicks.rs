@@ -2,19 +2,9 @@
 //! until the broker confirms it, so a suspension, deletion or leaked-secret rotation whose kick failed is
 //! retried by whichever instance runs next, also after a restart.
 
-use async_trait::async_trait;
-
 use crate::error::Result;
-
-/// One intent as a sweeper claims it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PendingKick {
-    pub username: String,
-    /// When the change asking for it was made (Unix ms); a newer request replaces the row.
-    pub requested_at: i64,
-    /// Attempts so far, this claim included.
-    pub attempts: i32,
-}
+use crate::model::kicks::*;
+use async_trait::async_trait;
 
 #[async_trait]
 pub trait KickStore: Send + Sync + 'static {

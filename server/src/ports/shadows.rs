@@ -8,8 +8,8 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::ids::DeviceRef;
-use crate::ports::event_bus::BusEvent;
-use crate::ports::store::OutboxRecord;
+use crate::model::event_bus::BusEvent;
+use crate::model::store::OutboxRecord;
 
 #[async_trait]
 pub trait ShadowStore: Send + Sync + 'static {

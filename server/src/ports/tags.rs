@@ -4,18 +4,10 @@
 //! bumps the device's `tags_version` in the same statement, so concurrent updates never lose an increment
 //! and a device that reports its version learns whether it is stale (`$tags` → `$set_tags`).
 
-use async_trait::async_trait;
-
 use crate::error::Result;
 use crate::ids::DeviceRef;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceTags {
-    /// Sorted, without duplicates.
-    pub tags: Vec<String>,
-    pub version: i64,
-    pub online: bool,
-}
+use crate::model::tags::*;
+use async_trait::async_trait;
 
 #[async_trait]
 pub trait TagStore: Send + Sync + 'static {

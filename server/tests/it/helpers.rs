@@ -377,7 +377,7 @@ impl EventConsumer {
             QueueDeclareOptions { durable: true, ..Default::default() }
         };
         let q = ch.queue_declare(queue.into(), options, FieldTable::default()).await.expect("queue declare");
-        for kind in iothub::domain::events::EventKind::ALL.map(|k| k.as_str()) {
+        for kind in iothub::model::event_bus::EventKind::ALL.map(|k| k.as_str()) {
             let exchange = format!("{exchange_prefix}.{kind}");
             ch.exchange_declare(
                 exchange.clone().into(),

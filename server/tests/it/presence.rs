@@ -9,7 +9,8 @@ use std::sync::Arc;
 use iothub::adapters::postgres::PgStore;
 use iothub::adapters::sqlite::SqliteStore;
 use iothub::ids::{DeviceId, DeviceRef, ProductId};
-use iothub::ports::store::{IngestBatch, NewDevice, PresenceChange, Store};
+use iothub::model::store::{IngestBatch, NewDevice, PresenceChange};
+use iothub::ports::store::Store;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 

@@ -10,55 +10,11 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::ids::DeviceRef;
-use crate::ports::commands::CommandRecord;
-use crate::ports::event_bus::BusEvent;
+use crate::model::commands::CommandRecord;
+use crate::model::event_bus::{BusEvent, EventKind};
 
 /// Namespace of the name-based (v5) event ids.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_5d4a_4c1e_9a7b_3e8d_1f20_c4a5);
-
-/// One exchange per kind: `{prefix}.{kind}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    UploadData,
-    UpdateStatus,
-    DeviceConnection,
-    OtaProgress,
-    CommandState,
-    CmdResp,
-    DataRequest,
-    Shadow,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 8] = [
-        EventKind::UploadData,
-        EventKind::UpdateStatus,
-        EventKind::DeviceConnection,
-        EventKind::OtaProgress,
-        EventKind::CommandState,
-        EventKind::CmdResp,
-        EventKind::DataRequest,
-        EventKind::Shadow,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::UploadData => "upload_data",
-            EventKind::UpdateStatus => "update_status",
-            EventKind::DeviceConnection => "device_connection",
-            EventKind::OtaProgress => "ota_progress",
-            EventKind::CommandState => "command_state",
-            EventKind::CmdResp => "cmd_resp",
-            EventKind::DataRequest => "data_request",
-            EventKind::Shadow => "shadow",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
 
 fn event_id(parts: &[&str]) -> String {
     Uuid::new_v5(&EVENT_ID_NAMESPACE, parts.join("\u{1f}").as_bytes()).to_string()
@@ -374,7 +330,7 @@ mod tests {
     }
 
     fn sample_command() -> CommandRecord {
-        use crate::ports::commands::*;
+        use crate::model::commands::*;
         CommandRecord {
             device: dev(),
             request_id: "r".into(),
