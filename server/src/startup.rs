@@ -157,53 +157,7 @@ impl Application {
         let hook_token =
             if config.broker.hook_token.is_empty() { random_token() } else { config.broker.hook_token.clone() };
 
-        let timeout = Duration::from_millis(config.broker.api_timeout_ms);
-        let (broker, embedded): (Arc<dyn BrokerApi>, Option<EmbeddedBroker>) = match config.broker.kind {
-            BrokerKind::Embedded => {
-                let hooks_url = config.http.public_url.clone().unwrap_or_else(|| loopback_url(http_addr));
-                let api_token =
-                    if config.broker.api_key.is_empty() { random_token() } else { config.broker.api_key.clone() };
-                let embedded_cfg = &config.broker.embedded;
-                let tls = match embedded_cfg.mqtts_addr()? {
-                    Some(addr) => Some((
-                        addr,
-                        crate::adapters::broker_tls::ensure(
-                            &config.data_dir,
-                            &embedded_cfg.tls_cert_file,
-                            &embedded_cfg.tls_key_file,
-                            &embedded_cfg.tls_hostnames,
-                        )?,
-                    )),
-                    None => None,
-                };
-                let embedded = EmbeddedBroker::start(EmbeddedBrokerSettings {
-                    mqtt_listen: config.broker.embedded.mqtt_listen,
-                    tls,
-                    api_listen: config.broker.embedded.api_listen,
-                    hooks_base_url: hooks_url,
-                    hook_token: hook_token.clone(),
-                    api_token: api_token.clone(),
-                    auto_subscribe_delay: None,
-                    identity_gate: true,
-                })
-                .await
-                .context("starting the embedded MQTT broker")?;
-                let api_url = format!("http://{}", config.broker.embedded.api_listen);
-                let broker = HttpBroker::new(BrokerKind::Rmqtt, &api_url, "/api/v1", &api_token, "", timeout)?;
-                (Arc::new(broker), Some(embedded))
-            }
-            kind => {
-                let broker = HttpBroker::new(
-                    kind,
-                    &config.broker.api_url,
-                    config.broker_api_prefix(),
-                    &config.broker.api_key,
-                    &config.broker.api_secret,
-                    timeout,
-                )?;
-                (Arc::new(broker), None)
-            }
-        };
+        let (broker, embedded) = start_broker(&config, http_addr, &hook_token).await?;
 
         let access = Arc::new(AccessService::new(
             store.clone(),
@@ -217,35 +171,9 @@ impl Application {
         let registry =
             RegistryService::new(store.clone(), kicks.clone(), access.clone(), config.auth.rotation_overlap_secs);
         let api_keys = ApiKeyService::with_cache(store.clone(), Duration::from_millis(config.cache.api_key_ttl_ms));
-        if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
-            let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
-            let path = config.data_dir.join("admin-api-key");
-            std::fs::create_dir_all(&config.data_dir)?;
-            crate::secrets::write_private(&path, key.expose())?;
-            tracing::warn!(path = %path.display(), "no API key existed; wrote a bootstrap admin key to this file (mode 0600)");
-        }
+        bootstrap_admin_key(&config, &api_keys).await?;
 
-        let dedup_window = Duration::from_secs(config.events.dedup_window_secs);
-        let dedup: Arc<dyn Deduplicator> = if config.redis.url.is_empty() {
-            Arc::new(MemoryDedup::new(dedup_window, IN_FLIGHT_TTL))
-        } else {
-            Arc::new(
-                RedisDedup::connect(&config.redis.url, &config.redis.key_prefix, dedup_window, IN_FLIGHT_TTL)
-                    .await
-                    .context("Redis URL")?,
-            )
-        };
-        let bus: Arc<dyn EventBus> = if config.rabbitmq.url.is_empty() {
-            Arc::new(MemoryBus::new(config.events.stream_buffer))
-        } else {
-            // Connected lazily: RabbitMQ being down at start must not stop devices from being served;
-            // events wait in the outbox.
-            Arc::new(RabbitBus::new(
-                &config.rabbitmq.url,
-                &config.rabbitmq.exchange_prefix,
-                Duration::from_millis(config.rabbitmq.timeout_ms),
-            ))
-        };
+        let (dedup, bus) = (deduplicator(&config).await?, event_bus(&config));
         let lease_ms = config.events.outbox_lease_ms as i64;
         let relay = relay::start(
             store.clone(),
@@ -256,11 +184,7 @@ impl Application {
                 linger: Duration::from_millis(config.events.publish_linger_ms),
             },
         );
-        let replies: Arc<dyn ReplyHub> = if config.redis.url.is_empty() {
-            Arc::new(MemoryReplies::default())
-        } else {
-            Arc::new(RedisReplies::connect(&config.redis.url, &config.redis.key_prefix).await.context("Redis URL")?)
-        };
+        let replies = reply_hub(&config).await?;
         crate::domain::retention::start(&store, &command_log, &ota_store, (&config.retention).into());
         let commands = CommandService::start(
             store.clone(),
@@ -302,21 +226,7 @@ impl Application {
             },
         );
 
-        let (broker_queue, broker_queue_task) = if config.rabbitmq.ingest_queue.is_empty() {
-            (None, None)
-        } else {
-            let (queue, task) = BrokerQueue::start(
-                QueueSettings {
-                    url: config.rabbitmq.url.clone(),
-                    queue: config.rabbitmq.ingest_queue.clone(),
-                    prefetch: config.rabbitmq.ingest_prefetch,
-                    timeout: Duration::from_millis(config.rabbitmq.timeout_ms),
-                },
-                ingest.clone(),
-                closing.subscribe(),
-            );
-            (Some(queue), Some(task))
-        };
+        let (broker_queue, broker_queue_task) = start_broker_queue(&config, &ingest, &closing).unzip();
 
         let state = Arc::new(AppState {
             history: HistoryService::new(store.clone()),
@@ -391,6 +301,132 @@ impl Application {
         tracing::info!("iothub stopped");
         served.map_err(Into::into)
     }
+}
+
+/// The broker's management API, and the bundled broker when the profile is embedded.
+async fn start_broker(
+    config: &Config,
+    http_addr: SocketAddr,
+    hook_token: &str,
+) -> anyhow::Result<(Arc<dyn BrokerApi>, Option<EmbeddedBroker>)> {
+    let timeout = Duration::from_millis(config.broker.api_timeout_ms);
+    Ok(match config.broker.kind {
+        BrokerKind::Embedded => {
+            let hooks_url = config.http.public_url.clone().unwrap_or_else(|| loopback_url(http_addr));
+            let api_token =
+                if config.broker.api_key.is_empty() { random_token() } else { config.broker.api_key.clone() };
+            let embedded_cfg = &config.broker.embedded;
+            let tls = match embedded_cfg.mqtts_addr()? {
+                Some(addr) => Some((
+                    addr,
+                    crate::adapters::broker_tls::ensure(
+                        &config.data_dir,
+                        &embedded_cfg.tls_cert_file,
+                        &embedded_cfg.tls_key_file,
+                        &embedded_cfg.tls_hostnames,
+                    )?,
+                )),
+                None => None,
+            };
+            let embedded = EmbeddedBroker::start(EmbeddedBrokerSettings {
+                mqtt_listen: config.broker.embedded.mqtt_listen,
+                tls,
+                api_listen: config.broker.embedded.api_listen,
+                hooks_base_url: hooks_url,
+                hook_token: hook_token.to_string(),
+                api_token: api_token.clone(),
+                auto_subscribe_delay: None,
+                identity_gate: true,
+            })
+            .await
+            .context("starting the embedded MQTT broker")?;
+            let api_url = format!("http://{}", config.broker.embedded.api_listen);
+            let broker = HttpBroker::new(BrokerKind::Rmqtt, &api_url, "/api/v1", &api_token, "", timeout)?;
+            (Arc::new(broker), Some(embedded))
+        }
+        kind => {
+            let broker = HttpBroker::new(
+                kind,
+                &config.broker.api_url,
+                config.broker_api_prefix(),
+                &config.broker.api_key,
+                &config.broker.api_secret,
+                timeout,
+            )?;
+            (Arc::new(broker), None)
+        }
+    })
+}
+
+/// Writes a bootstrap admin key to `{data_dir}/admin-api-key` when none exists (and the config asks for it).
+async fn bootstrap_admin_key(config: &Config, api_keys: &ApiKeyService) -> anyhow::Result<()> {
+    if config.auth.bootstrap_admin_key && api_keys.count_active().await? == 0 {
+        let (_, key) = api_keys.create("bootstrap-admin", &[Scope::Admin]).await?;
+        let path = config.data_dir.join("admin-api-key");
+        std::fs::create_dir_all(&config.data_dir)?;
+        crate::secrets::write_private(&path, key.expose())?;
+        tracing::warn!(path = %path.display(), "no API key existed; wrote a bootstrap admin key to this file (mode 0600)");
+    }
+    Ok(())
+}
+
+/// Two-phase dedup of device message ids: Redis in production, an in-process map embedded.
+async fn deduplicator(config: &Config) -> anyhow::Result<Arc<dyn Deduplicator>> {
+    let window = Duration::from_secs(config.events.dedup_window_secs);
+    Ok(if config.redis.url.is_empty() {
+        Arc::new(MemoryDedup::new(window, IN_FLIGHT_TTL))
+    } else {
+        Arc::new(
+            RedisDedup::connect(&config.redis.url, &config.redis.key_prefix, window, IN_FLIGHT_TTL)
+                .await
+                .context("Redis URL")?,
+        )
+    })
+}
+
+/// Northbound events: RabbitMQ in production, the in-process stream embedded.
+fn event_bus(config: &Config) -> Arc<dyn EventBus> {
+    if config.rabbitmq.url.is_empty() {
+        Arc::new(MemoryBus::new(config.events.stream_buffer))
+    } else {
+        // Connected lazily: RabbitMQ being down at start must not stop devices from being served;
+        // events wait in the outbox.
+        Arc::new(RabbitBus::new(
+            &config.rabbitmq.url,
+            &config.rabbitmq.exchange_prefix,
+            Duration::from_millis(config.rabbitmq.timeout_ms),
+        ))
+    }
+}
+
+/// Where RPC callers hear of replies committed on any instance.
+async fn reply_hub(config: &Config) -> anyhow::Result<Arc<dyn ReplyHub>> {
+    Ok(if config.redis.url.is_empty() {
+        Arc::new(MemoryReplies::default())
+    } else {
+        Arc::new(RedisReplies::connect(&config.redis.url, &config.redis.key_prefix).await.context("Redis URL")?)
+    })
+}
+
+/// The broker-event queue consumer, when `rabbitmq.ingest_queue` is set.
+fn start_broker_queue(
+    config: &Config,
+    ingest: &IngestService,
+    closing: &tokio::sync::watch::Sender<bool>,
+) -> Option<(BrokerQueue, tokio::task::JoinHandle<()>)> {
+    if config.rabbitmq.ingest_queue.is_empty() {
+        return None;
+    }
+    Some(BrokerQueue::start(
+        QueueSettings {
+            url: config.rabbitmq.url.clone(),
+            queue: config.rabbitmq.ingest_queue.clone(),
+            prefetch: config.rabbitmq.ingest_prefetch,
+            timeout: Duration::from_millis(config.rabbitmq.timeout_ms),
+        },
+        ingest.clone(),
+        closing.subscribe(),
+    ))
 }
 
 fn loopback_url(addr: SocketAddr) -> String {

@@ -532,168 +532,20 @@ impl Worker {
         let started = Instant::now();
         let now = now_ms();
         metrics::histogram!("iothub_ingest_batch_events").record(events.len() as f64);
-
-        let mut keyed: Vec<(String, Keyed)> = Vec::new();
-        let mut presence = Vec::new();
-        let mut feedback = Vec::new();
-        let mut internal = Vec::new();
-        let (mut ota_progress, mut ota_status) = (Vec::new(), Vec::new());
-        let mut seen_keys = std::collections::HashSet::new();
-        // Devices whose data buckets this batch drew from, refunded if it is not stored (its retry draws again).
-        let mut charged: Vec<(DeviceRef, i64)> = Vec::new();
         let work: Vec<Work> = events.into_iter().map(|event| classify(event, now)).collect();
         let active = self.active_speakers(&work).await?;
-        for work in work {
-            if let Some(device) = work.speaker().filter(|d| !active.contains(*d)) {
-                // Suspended or deleted now: whatever it still sends (its kick may be pending) is neither
-                // stored, announced nor acted on.
-                tracing::debug!(%device, kind = work.label(), "dropped traffic of an inactive device");
-                metrics::counter!("iothub_ingest_inactive_dropped_total", "kind" => work.label()).increment(1);
-                continue;
-            }
-            match work {
-                Work::Presence(change) => {
-                    count("presence", "accepted");
-                    presence.push(change);
-                }
-                Work::Feedback(change) => {
-                    count("command", "accepted");
-                    feedback.push(change);
-                }
-                Work::Internal(request) => {
-                    if !self.settings.limits.admit_request(&request.device) {
-                        count("publish", "rate_limited");
-                        continue;
-                    }
-                    count("publish", "internal");
-                    internal.push(request);
-                }
-                Work::Skip(why) => count("publish", why),
-                Work::Intruder { username } => {
-                    count("presence", "intruder");
-                    metrics::counter!("iothub_broker_identity_refused_total", "reason" => "connected_anyway")
-                        .increment(1);
-                    tracing::warn!("a client connected under a malformed identity; kicking it");
-                    let kicks = self.control.kicks.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = kicks.request(&username).await {
-                            tracing::error!(error = %e, "could not record the kick of a malformed identity");
-                        }
-                    });
-                }
-                Work::Request { key, event, device, sent_at } => {
-                    if !self.settings.limits.admit_message(&device, sent_at) {
-                        count("publish", "rate_limited");
-                        continue;
-                    }
-                    charged.push((device.clone(), sent_at));
-                    if seen_keys.insert(key.clone()) {
-                        keyed.push((key, Keyed::Event(event)));
-                    } else {
-                        count("publish", "duplicate");
-                    }
-                }
-                Work::Message { key, message } => {
-                    if !self.settings.limits.admit_message(&message.device, message.sent_at) {
-                        count("publish", "rate_limited");
-                        continue;
-                    }
-                    charged.push((message.device.clone(), message.sent_at));
-                    if seen_keys.insert(key.clone()) {
-                        keyed.push((key, Keyed::Message(message)));
-                    } else {
-                        count("publish", "duplicate");
-                    }
-                }
-                Work::Report { key, report, event } => {
-                    if !self.settings.limits.admit_message(&report.device, report.reported_at) {
-                        count("publish", "rate_limited");
-                        continue;
-                    }
-                    charged.push((report.device.clone(), report.reported_at));
-                    // Rollouts follow every report, replays included (their updates are idempotent and
-                    // time-ordered), so a retry after a failure below still applies them.
-                    match report.kind {
-                        ReportKind::Ota => {
-                            let value = serde_json::from_str(&report.payload_json).unwrap_or_default();
-                            ota_progress.extend(parse_progress(&report.device, &value, report.reported_at));
-                        }
-                        ReportKind::Status => {
-                            ota_status.push((report.device.clone(), report.payload_json.clone(), report.reported_at))
-                        }
-                    }
-                    if seen_keys.insert(key.clone()) {
-                        keyed.push((key, Keyed::Report(report, event)));
-                    } else {
-                        count("publish", "duplicate");
-                    }
-                }
-            }
-        }
-
-        let keys: Vec<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
-        let claims = match self.dedup.claim(&keys).await {
-            Ok(claims) => claims,
-            Err(e) => {
-                // Degrade instead of refusing: the database's unique keys still keep data history free of
-                // duplicates; a replayed status report may then be announced twice (same event id).
-                metrics::counter!("iothub_dedup_unavailable_total").increment(1);
-                tracing::warn!(error = %e, "dedup store unavailable; relying on the database's unique keys");
-                vec![Claim::New; keys.len()]
-            }
-        };
-        let mut claimed = Vec::new();
-        let mut batch = IngestBatch::default();
-        let mut newest_report: HashMap<(DeviceRef, &'static str), usize> = HashMap::new();
-        for ((key, work), claim) in keyed.into_iter().zip(claims) {
-            if claim == Claim::Done {
-                count("publish", "duplicate");
-                continue;
-            }
-            claimed.push(key);
-            match work {
-                Keyed::Message(message) => batch.messages.push(message),
-                Keyed::Event(event) => batch.events.push(event),
-                Keyed::Report(report, event) => {
-                    batch.events.push(event);
-                    // One row per (device, kind) per statement: keep the newest; equal times, the later one.
-                    let slot = (report.device.clone(), report.kind.as_str());
-                    match newest_report.get(&slot) {
-                        Some(&i) if batch.reports[i].reported_at > report.reported_at => {}
-                        Some(&i) => batch.reports[i] = report,
-                        None => {
-                            newest_report.insert(slot, batch.reports.len());
-                            batch.reports.push(report);
-                        }
-                    }
-                }
-            }
-        }
-        // Rows are locked in one global order (device), so concurrent batches never deadlock each other.
-        batch.reports.sort_by(|a, b| {
-            (a.device.product.as_str(), a.device.device.as_str(), a.kind.as_str()).cmp(&(
-                b.device.product.as_str(),
-                b.device.device.as_str(),
-                b.kind.as_str(),
-            ))
-        });
-        // Stable sort: a device's changes keep their order, devices are locked in one global order.
-        presence.sort_by(|a, b| {
-            let (a, b) = (a.device(), b.device());
-            (a.product.as_str(), a.device.as_str()).cmp(&(b.product.as_str(), b.device.as_str()))
-        });
-        let connected: Vec<DeviceRef> = presence
-            .iter()
-            .filter(|c| matches!(c, PresenceChange::Connected { .. }))
-            .map(|c| c.device().clone())
-            .collect();
+        let sorted = self.sort_work(work, &active);
+        let claims = self.claim(&sorted.keyed).await;
+        let (mut batch, claimed) = batch_of(sorted.keyed, claims);
+        let (presence, connected) = in_lock_order(sorted.presence);
         batch.presence = presence;
         if !batch.is_empty() {
             if let Err(e) = self.store_batch(batch, claimed, now).await {
-                self.settings.limits.refund_messages(&charged);
+                self.settings.limits.refund_messages(&sorted.charged);
                 return Err(e);
             }
         }
+        let Sorted { feedback, ota_progress, ota_status, internal, .. } = sorted;
         // Replies and delivery reports are idempotent by themselves (a state only moves forward), so they
         // need no dedup claims; a failure answers 503 and the broker's retry applies them again.
         if !feedback.is_empty() {
@@ -712,6 +564,113 @@ impl Worker {
         }
         metrics::histogram!("iothub_ingest_batch_seconds").record(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Drops what inactive devices sent, applies the per-device limits, and sorts the rest by what it
+    /// becomes: keyed rows (deduplicated by key within the group), presence, command feedback, internal
+    /// requests, and OTA progress.
+    fn sort_work(&self, work: Vec<Work>, active: &std::collections::HashSet<DeviceRef>) -> Sorted {
+        let mut sorted = Sorted::default();
+        let mut seen_keys = std::collections::HashSet::new();
+        for work in work {
+            if let Some(device) = work.speaker().filter(|d| !active.contains(*d)) {
+                // Suspended or deleted now: whatever it still sends (its kick may be pending) is neither
+                // stored, announced nor acted on.
+                tracing::debug!(%device, kind = work.label(), "dropped traffic of an inactive device");
+                metrics::counter!("iothub_ingest_inactive_dropped_total", "kind" => work.label()).increment(1);
+                continue;
+            }
+            match work {
+                Work::Presence(change) => {
+                    count("presence", "accepted");
+                    sorted.presence.push(change);
+                }
+                Work::Feedback(change) => {
+                    count("command", "accepted");
+                    sorted.feedback.push(change);
+                }
+                Work::Internal(request) => {
+                    if !self.settings.limits.admit_request(&request.device) {
+                        count("publish", "rate_limited");
+                        continue;
+                    }
+                    count("publish", "internal");
+                    sorted.internal.push(request);
+                }
+                Work::Skip(why) => count("publish", why),
+                Work::Intruder { username } => {
+                    count("presence", "intruder");
+                    metrics::counter!("iothub_broker_identity_refused_total", "reason" => "connected_anyway")
+                        .increment(1);
+                    tracing::warn!("a client connected under a malformed identity; kicking it");
+                    let kicks = self.control.kicks.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = kicks.request(&username).await {
+                            tracing::error!(error = %e, "could not record the kick of a malformed identity");
+                        }
+                    });
+                }
+                Work::Request { key, event, device, sent_at } => {
+                    if self.admit_data(&mut sorted, &device, sent_at) && first_in_group(&mut seen_keys, &key) {
+                        sorted.keyed.push((key, Keyed::Event(event)));
+                    }
+                }
+                Work::Message { key, message } => {
+                    if self.admit_data(&mut sorted, &message.device, message.sent_at)
+                        && first_in_group(&mut seen_keys, &key)
+                    {
+                        sorted.keyed.push((key, Keyed::Message(message)));
+                    }
+                }
+                Work::Report { key, report, event } => {
+                    if !self.admit_data(&mut sorted, &report.device, report.reported_at) {
+                        continue;
+                    }
+                    // Rollouts follow every report, replays included (their updates are idempotent and
+                    // time-ordered), so a retry after a failure below still applies them.
+                    match report.kind {
+                        ReportKind::Ota => {
+                            let value = serde_json::from_str(&report.payload_json).unwrap_or_default();
+                            sorted.ota_progress.extend(parse_progress(&report.device, &value, report.reported_at));
+                        }
+                        ReportKind::Status => sorted.ota_status.push((
+                            report.device.clone(),
+                            report.payload_json.clone(),
+                            report.reported_at,
+                        )),
+                    }
+                    if first_in_group(&mut seen_keys, &key) {
+                        sorted.keyed.push((key, Keyed::Report(report, event)));
+                    }
+                }
+            }
+        }
+        sorted
+    }
+
+    /// Whether the device's data limit admits one more item the broker received at `at` (counted either way).
+    fn admit_data(&self, sorted: &mut Sorted, device: &DeviceRef, at: i64) -> bool {
+        if !self.settings.limits.admit_message(device, at) {
+            count("publish", "rate_limited");
+            return false;
+        }
+        sorted.charged.push((device.clone(), at));
+        true
+    }
+
+    /// Two-phase dedup claims for the group's keys (one round trip).
+    async fn claim(&self, keyed: &[(String, Keyed)]) -> Vec<Claim> {
+        let keys: Vec<String> = keyed.iter().map(|(k, _)| k.clone()).collect();
+        match self.dedup.claim(&keys).await {
+            Ok(claims) => claims,
+            Err(e) => {
+                // Degrade instead of refusing: the database's unique keys still keep data history free of
+                // duplicates; a replayed status report may then be announced twice (same event id).
+                metrics::counter!("iothub_dedup_unavailable_total").increment(1);
+                tracing::warn!(error = %e, "dedup store unavailable; relying on the database's unique keys");
+                vec![Claim::New; keys.len()]
+            }
+        }
     }
 
     /// Which of the devices speaking in this group are active right now (one query for the group).
@@ -790,6 +749,81 @@ fn ntp_reply(request: &[u8], received_at: i64, now: i64) -> Option<serde_json::V
         .cloned()
         .filter(serde_json::Value::is_number)?;
     Some(serde_json::json!({ "device_time": device_time, "iothub_recv": received_at, "iothub_send": now }))
+}
+
+/// The rows to store for the keys not already done, and the keys claimed for them; reports in lock order.
+fn batch_of(keyed: Vec<(String, Keyed)>, claims: Vec<Claim>) -> (IngestBatch, Vec<String>) {
+    let mut claimed = Vec::new();
+    let mut batch = IngestBatch::default();
+    let mut newest_report: HashMap<(DeviceRef, &'static str), usize> = HashMap::new();
+    for ((key, work), claim) in keyed.into_iter().zip(claims) {
+        if claim == Claim::Done {
+            count("publish", "duplicate");
+            continue;
+        }
+        claimed.push(key);
+        match work {
+            Keyed::Message(message) => batch.messages.push(message),
+            Keyed::Event(event) => batch.events.push(event),
+            Keyed::Report(report, event) => {
+                batch.events.push(event);
+                // One row per (device, kind) per statement: keep the newest; equal times, the later one.
+                let slot = (report.device.clone(), report.kind.as_str());
+                match newest_report.get(&slot) {
+                    Some(&i) if batch.reports[i].reported_at > report.reported_at => {}
+                    Some(&i) => batch.reports[i] = report,
+                    None => {
+                        newest_report.insert(slot, batch.reports.len());
+                        batch.reports.push(report);
+                    }
+                }
+            }
+        }
+    }
+    // Rows are locked in one global order (device), so concurrent batches never deadlock each other.
+    batch.reports.sort_by(|a, b| {
+        (a.device.product.as_str(), a.device.device.as_str(), a.kind.as_str()).cmp(&(
+            b.device.product.as_str(),
+            b.device.device.as_str(),
+            b.kind.as_str(),
+        ))
+    });
+    (batch, claimed)
+}
+
+/// Whether `key` is new in this group (a repeat is counted as a duplicate).
+fn first_in_group(seen: &mut std::collections::HashSet<String>, key: &str) -> bool {
+    let first = seen.insert(key.to_string());
+    if !first {
+        count("publish", "duplicate");
+    }
+    first
+}
+
+/// Presence changes in one global device order (a device's own changes keep theirs), and the devices that
+/// connected.
+fn in_lock_order(mut presence: Vec<PresenceChange>) -> (Vec<PresenceChange>, Vec<DeviceRef>) {
+    // Stable sort: a device's changes keep their order, devices are locked in one global order.
+    presence.sort_by(|a, b| {
+        let (a, b) = (a.device(), b.device());
+        (a.product.as_str(), a.device.as_str()).cmp(&(b.product.as_str(), b.device.as_str()))
+    });
+    let connected: Vec<DeviceRef> =
+        presence.iter().filter(|c| matches!(c, PresenceChange::Connected { .. })).map(|c| c.device().clone()).collect();
+    (presence, connected)
+}
+
+/// One group's work, sorted by what it becomes (`Worker::sort_work`).
+#[derive(Default)]
+struct Sorted {
+    keyed: Vec<(String, Keyed)>,
+    presence: Vec<PresenceChange>,
+    feedback: Vec<CommandChange>,
+    internal: Vec<InternalRequest>,
+    ota_progress: Vec<crate::model::ota::OtaProgress>,
+    ota_status: Vec<(DeviceRef, String, i64)>,
+    /// Devices whose data limits this group drew from (refunded if it is not stored: its retry draws again).
+    charged: Vec<(DeviceRef, i64)>,
 }
 
 fn count(kind: &'static str, outcome: &'static str) {
