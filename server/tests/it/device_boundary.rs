@@ -13,7 +13,6 @@ use rumqttc::QoS;
 use serde_json::json;
 
 use crate::both_backends;
-use crate::commands::answering_device;
 use crate::helpers::*;
 
 /// Placeholders of RMQTT's auth-http (`%u %c %a %P %r %A %t`), others brokers or templates use, and EMQX's.

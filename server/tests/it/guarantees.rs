@@ -225,7 +225,7 @@ async fn queued_commands_survive_the_connect_race(db: Db) {
     let request_id = v["request_id"].as_str().unwrap().to_string();
 
     let (client, eventloop) = must_connect(broker.mqtt_addr(), "p/d", "p/d", &secret).await;
-    let (_inbox, device) = crate::commands::answering_device(client, eventloop, "d");
+    let (_inbox, device) = answering_device(client, eventloop, "d");
     let path = format!("/api/v1/products/p/devices/d/commands/{request_id}");
     let done = eventually(Duration::from_secs(15), "the queued command replied", || async {
         let (_, c) = hub.call(Method::GET, &path, None).await;
@@ -249,7 +249,7 @@ async fn an_rpc_right_after_connect_is_answered(db: Db) {
     // The device's CONNACK comes only after the delayed subscription step; its connect webhook before.
     let device = tokio::spawn(async move {
         let (client, eventloop) = must_connect(mqtt, "p/d", "p/d", &secret).await;
-        let (_inbox, task) = crate::commands::answering_device(client, eventloop, "d");
+        let (_inbox, task) = answering_device(client, eventloop, "d");
         let _ = task.await;
     });
     eventually(Duration::from_secs(10), "device online", || async {

@@ -6,14 +6,14 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use iothub::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
 use iothub::config::Config;
 use iothub::startup::Application;
 use reqwest::{Method, RequestBuilder, StatusCode};
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use sqlx::{Connection, Executor};
 use tokio::sync::oneshot;
@@ -564,4 +564,80 @@ pub async fn hub_with_external_rmqtt(
     .await
     .unwrap();
     (hub, broker, switch)
+}
+
+// ---- A simulated device for the device-control tests (commands, tags, shadows, OTA, guarantees). ----
+
+/// What a simulated device received: (topic, payload).
+pub type Inbox = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A device that answers like firmware built for the reference IotHub: `cmd` → `cmd_resp` with
+/// `ok:{name}`, `rpc` → `rpc_resp` with a JSON reading; commands named `slow` are never answered.
+pub fn answering_device(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    device: &str,
+) -> (Inbox, tokio::task::JoinHandle<()>) {
+    let inbox: Inbox = Arc::default();
+    let seen = inbox.clone();
+    let device = device.to_string();
+    let task = tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    seen.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
+                    let levels: Vec<&str> = p.topic.split('/').collect();
+                    // cmd|rpc/{p}/{d}/{name}/{enc}/{req}[/{exp}] or tags/{p}/{tag}/cmd/{name}/{enc}/{req}[/{exp}]
+                    let (mode, product, name, request_id) = match levels[..] {
+                        ["tags", product, _, "cmd", name, _, request_id, ..] => ("cmd", product, name, request_id),
+                        [mode, product, _, name, _, request_id, ..] => (mode, product, name, request_id),
+                        _ => continue,
+                    };
+                    if name == "slow" || name.starts_with('$') {
+                        continue;
+                    }
+                    n += 1;
+                    let (topic, reply) = match mode {
+                        "cmd" => {
+                            (format!("cmd_resp/{product}/{device}/{name}/{request_id}/r{n}"), format!("ok:{name}"))
+                        }
+                        _ => {
+                            (format!("rpc_resp/{product}/{device}/{name}/{request_id}/r{n}"), r#"{"temp":21.5}"#.into())
+                        }
+                    };
+                    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, reply);
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    (inbox, task)
+}
+
+pub async fn command(hub: &TestHub, p: &str, d: &str, request_id: &str) -> Value {
+    let (s, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}/commands/{request_id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+pub async fn wait_state(hub: &TestHub, p: &str, d: &str, request_id: &str, state: &str) -> Value {
+    eventually(Duration::from_secs(20), &format!("command {request_id} {state}"), || async {
+        let v = command(hub, p, d, request_id).await;
+        (v["state"] == state).then_some(v)
+    })
+    .await
+}
+
+pub async fn wait_online(hub: &TestHub, p: &str, d: &str) {
+    eventually(Duration::from_secs(15), &format!("{p}/{d} online"), || async {
+        let (_, v) = hub.call(Method::GET, &format!("/api/v1/products/{p}/devices/{d}"), None).await;
+        (v["online"] == true).then_some(())
+    })
+    .await
+}
+
+pub fn received(inbox: &Inbox, needle: &str) -> Vec<(String, Vec<u8>)> {
+    inbox.lock().unwrap().iter().filter(|(t, _)| t.contains(needle)).cloned().collect()
 }

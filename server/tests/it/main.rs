@@ -11,11 +11,14 @@ mod emqx_postgres;
 mod events;
 mod guarantees;
 mod hook_contracts;
+mod ota;
 mod presence;
 mod registry_api;
 mod retention;
 mod scale_out;
 mod sdk;
+mod shadows;
+mod tags;
 mod webhook_fixtures;
 
 /// Runs an async test body once per storage backend, as two named tests.

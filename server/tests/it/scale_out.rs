@@ -22,7 +22,6 @@ use reqwest::{Method, StatusCode};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 
-use crate::commands::answering_device;
 use crate::helpers::*;
 
 /// A round-robin HTTP load balancer: each request goes to the next backend (per request, like haproxy in
