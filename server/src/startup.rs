@@ -19,11 +19,10 @@ use crate::adapters::embedded_broker::{EmbeddedBroker, EmbeddedBrokerSettings};
 use crate::adapters::memory_bus::MemoryBus;
 use crate::adapters::memory_dedup::MemoryDedup;
 use crate::adapters::memory_replies::MemoryReplies;
-use crate::adapters::postgres::PgStore;
 use crate::adapters::rabbitmq::RabbitBus;
 use crate::adapters::redis_dedup::RedisDedup;
 use crate::adapters::redis_replies::RedisReplies;
-use crate::adapters::sqlite::SqliteStore;
+use crate::adapters::sql::{OutboxHandOff, PgStore, SqliteStore};
 use crate::api::broker_queue::{BrokerQueue, QueueSettings};
 use crate::api::{self, AppState, SharedState};
 use crate::config::{BrokerKind, Config};
@@ -45,6 +44,7 @@ use crate::ports::event_bus::EventBus;
 use crate::ports::kicks::KickStore;
 use crate::ports::ota::OtaStore;
 use crate::ports::replies::ReplyHub;
+use crate::ports::retention::RetentionStore;
 use crate::ports::shadows::ShadowStore;
 use crate::ports::store::Store;
 use crate::ports::tags::TagStore;
@@ -53,7 +53,7 @@ use crate::telemetry;
 
 /// Opens the configured store (PostgreSQL or SQLite, by URL scheme), optionally migrating it.
 pub async fn open_store(config: &Config, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(open_stores(config, migrate).await?.store)
+    Ok(open_stores(config, migrate, OutboxHandOff::detached()).await?.store)
 }
 
 /// The ports backed by the one database.
@@ -64,10 +64,11 @@ pub struct Stores {
     pub shadows: Arc<dyn ShadowStore>,
     pub ota: Arc<dyn OtaStore>,
     pub kicks: Arc<dyn KickStore>,
+    pub retention: Arc<dyn RetentionStore>,
 }
 
 impl Stores {
-    fn of<S: Store + CommandStore + TagStore + ShadowStore + OtaStore + KickStore>(store: S) -> Self {
+    fn of<S: Store + CommandStore + TagStore + ShadowStore + OtaStore + KickStore + RetentionStore>(store: S) -> Self {
         let store = Arc::new(store);
         Self {
             store: store.clone(),
@@ -75,13 +76,14 @@ impl Stores {
             tags: store.clone(),
             shadows: store.clone(),
             ota: store.clone(),
-            kicks: store,
+            kicks: store.clone(),
+            retention: store,
         }
     }
 }
 
-/// The store, command log and tags, which live in the same database.
-pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<Stores> {
+/// Every storage port, all in the one database; the outbox rows they commit go to `outbox`.
+pub async fn open_stores(config: &Config, migrate: bool, outbox: OutboxHandOff) -> anyhow::Result<Stores> {
     let url = config.database_url();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store =
@@ -89,13 +91,13 @@ pub async fn open_stores(config: &Config, migrate: bool) -> anyhow::Result<Store
         if migrate {
             store.migrate().await.context("migrating PostgreSQL")?;
         }
-        Ok(Stores::of(store))
+        Ok(Stores::of(store.with_outbox(outbox)))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(&url, config.database.max_connections).await.context("opening SQLite")?;
         if migrate {
             store.migrate().await.context("migrating SQLite")?;
         }
-        Ok(Stores::of(store))
+        Ok(Stores::of(store.with_outbox(outbox)))
     } else {
         anyhow::bail!("database.url must start with postgres://, postgresql:// or sqlite:")
     }
@@ -146,8 +148,18 @@ impl Application {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
-        let Stores { store, commands: command_log, tags: tag_store, shadows: shadow_store, ota: ota_store, kicks } =
-            open_stores(&config, config.database.migrate_on_start).await?;
+        let (relay_handle, relay_intake) = relay::channel();
+        let lease_ms = config.events.outbox_lease_ms as i64;
+        let outbox = OutboxHandOff::new(Arc::new(relay_handle), lease_ms);
+        let Stores {
+            store,
+            commands: command_log,
+            tags: tag_store,
+            shadows: shadow_store,
+            ota: ota_store,
+            kicks,
+            retention,
+        } = open_stores(&config, config.database.migrate_on_start, outbox).await?;
 
         let jwt_secret = if config.auth.jwt_secret.is_empty() {
             persisted_secret(&config.data_dir.join("jwt-secret"))?
@@ -174,8 +186,8 @@ impl Application {
         bootstrap_admin_key(&config, &api_keys).await?;
 
         let (dedup, bus) = (deduplicator(&config).await?, event_bus(&config));
-        let lease_ms = config.events.outbox_lease_ms as i64;
-        let relay = relay::start(
+        relay::start(
+            relay_intake,
             store.clone(),
             bus.clone(),
             RelaySettings {
@@ -185,15 +197,13 @@ impl Application {
             },
         );
         let replies = reply_hub(&config).await?;
-        crate::domain::retention::start(&store, &command_log, &ota_store, (&config.retention).into());
+        crate::domain::retention::start(&retention, (&config.retention).into());
         let commands = CommandService::start(
             store.clone(),
             command_log.clone(),
             broker.clone(),
             replies,
-            relay.clone(),
             CommandSettings {
-                outbox_lease_ms: lease_ms,
                 dispatch_lease_ms: config.commands.dispatch_lease_ms as i64,
                 sweep_every: Duration::from_millis(config.commands.sweep_ms),
                 max_rpc_timeout: crate::domain::commands::MAX_RPC_TIMEOUT
@@ -203,14 +213,12 @@ impl Application {
             },
         );
         let tags = TagService::new(tag_store, commands.clone());
-        let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone(), relay.clone(), lease_ms);
-        let ota =
-            OtaService::new(ota_store, command_log.clone(), store.clone(), commands.clone(), relay.clone(), lease_ms);
+        let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone());
+        let ota = OtaService::new(ota_store, command_log.clone(), store.clone(), commands.clone());
         let closing = tokio::sync::watch::channel(false).0;
         let ingest = IngestService::start(
             store.clone(),
             dedup.clone(),
-            relay,
             DeviceControl {
                 kicks,
                 commands: commands.clone(),
@@ -221,7 +229,6 @@ impl Application {
             IngestSettings {
                 batch_max: config.events.batch_max,
                 workers: config.events.workers,
-                lease_ms,
                 limits: crate::domain::limits::DeviceLimits::new(&config.limits),
             },
         );

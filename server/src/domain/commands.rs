@@ -25,7 +25,6 @@ use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::clock::now_ms;
-use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceRef, ProductId};
 use crate::model::broker::{OutboundMessage, Published};
@@ -64,8 +63,6 @@ const INTAKE_WORKERS: usize = 2;
 const PUBLISH_CONCURRENCY: usize = 64;
 
 pub struct CommandSettings {
-    /// Lease of outbox rows handed to the relay.
-    pub outbox_lease_ms: i64,
     /// How long a claim protects a command being published from other dispatchers.
     pub dispatch_lease_ms: i64,
     pub sweep_every: Duration,
@@ -106,7 +103,6 @@ struct Inner {
     commands: Arc<dyn CommandStore>,
     broker: Arc<dyn BrokerApi>,
     replies: Arc<dyn ReplyHub>,
-    relay: RelayHandle,
     settings: CommandSettings,
     intake: mpsc::Sender<Pending>,
 }
@@ -161,11 +157,10 @@ impl CommandService {
         commands: Arc<dyn CommandStore>,
         broker: Arc<dyn BrokerApi>,
         replies: Arc<dyn ReplyHub>,
-        relay: RelayHandle,
         settings: CommandSettings,
     ) -> Self {
         let (intake, rx) = mpsc::channel(INTAKE_BATCH * 2);
-        let inner = Arc::new(Inner { store, commands, broker, replies, relay, settings, intake });
+        let inner = Arc::new(Inner { store, commands, broker, replies, settings, intake });
         tokio::spawn(scheduler(Arc::downgrade(&inner)));
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..INTAKE_WORKERS {
@@ -227,15 +222,9 @@ impl CommandService {
                 command.leased_until = Some(now + inner.settings.dispatch_lease_ms);
             }
         }
-        let result = inner
-            .commands
-            .insert_commands(&commands, &events::command_state, now, inner.settings.outbox_lease_ms)
-            .await;
+        let result = inner.commands.insert_commands(&commands, &events::command_state, now).await;
         let outcomes = match result {
-            Ok((outcomes, outbox)) => {
-                inner.relay.hand_off(outbox);
-                outcomes
-            }
+            Ok(outcomes) => outcomes,
             Err(e) => {
                 tracing::warn!(error = %e, commands = commands.len(), "command group not logged");
                 for (logged, _) in callers {
@@ -496,11 +485,7 @@ impl CommandService {
             expires_at: request.ttl_ms.map(|ttl| now + ttl),
             leased_until: now + inner.settings.dispatch_lease_ms,
         };
-        let (records, outbox) = inner
-            .commands
-            .insert_tag_command(&command, &events::command_state, now, inner.settings.outbox_lease_ms)
-            .await?;
-        inner.relay.hand_off(outbox);
+        let records = inner.commands.insert_tag_command(&command, &events::command_state, now).await?;
         if records.is_empty() {
             return Err(Error::not_found("active device with tag", tag));
         }
@@ -546,11 +531,7 @@ impl CommandService {
                 transition: transition.clone(),
             })
             .collect();
-        let outcome = inner
-            .commands
-            .change_commands(&changes, &events_for, Durability::Relaxed, now_ms(), inner.settings.outbox_lease_ms)
-            .await?;
-        inner.relay.hand_off(outcome.outbox);
+        let outcome = inner.commands.change_commands(&changes, &events_for, Durability::Relaxed).await?;
         let mut changed: std::collections::HashMap<DeviceRef, CommandRecord> =
             outcome.changed.into_iter().map(|(r, _)| (r.device.clone(), r)).collect();
         Ok(records.into_iter().map(|r| changed.remove(&r.device).unwrap_or(r)).collect())
@@ -594,12 +575,8 @@ impl CommandService {
     /// committed, so the webhook that carried them can be answered.
     pub async fn apply_feedback(&self, changes: &[CommandChange]) -> Result<()> {
         let inner = &self.inner;
-        let outcome = inner
-            .commands
-            .change_commands(changes, &events_for, Durability::Required, now_ms(), inner.settings.outbox_lease_ms)
-            .await;
+        let outcome = inner.commands.change_commands(changes, &events_for, Durability::Required).await;
         let outcome = outcome?;
-        inner.relay.hand_off(outcome.outbox);
         let applied = outcome.changed.len();
         metrics::counter!("iothub_command_feedback_total", "outcome" => "applied").increment(applied as u64);
         metrics::counter!("iothub_command_feedback_total", "outcome" => "ignored")
@@ -697,13 +674,8 @@ impl CommandService {
             .flat_map(futures::stream::iter)
             .collect()
             .await;
-        match inner
-            .commands
-            .change_commands(&changes, &events_for, Durability::Relaxed, now_ms(), inner.settings.outbox_lease_ms)
-            .await
-        {
+        match inner.commands.change_commands(&changes, &events_for, Durability::Relaxed).await {
             Ok(outcome) => {
-                inner.relay.hand_off(outcome.outbox);
                 let mut after: Vec<CommandRecord> = outcome.changed.into_iter().map(|(r, _)| r).collect();
                 // A command a delivery report or reply overtook keeps its newer state.
                 for command in &claimed {
@@ -810,11 +782,7 @@ impl CommandService {
                 transition: Transition::Expired { at: now },
             })
             .collect();
-        let outcome = inner
-            .commands
-            .change_commands(&changes, &events_for, Durability::Relaxed, now, inner.settings.outbox_lease_ms)
-            .await?;
-        inner.relay.hand_off(outcome.outbox);
+        let outcome = inner.commands.change_commands(&changes, &events_for, Durability::Relaxed).await?;
         metrics::counter!("iothub_commands_expired_total").increment(outcome.changed.len() as u64);
         let due =
             inner.commands.claim_commands(&ClaimScope::Due, now, inner.settings.dispatch_lease_ms, SWEEP_BATCH).await?;

@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::domain::ota::{parse_progress, OtaService};
-use crate::domain::relay::RelayHandle;
 use crate::domain::shadows::{ShadowService, ShadowSource};
 use crate::domain::tags::TagService;
 use crate::error::{Error, Result};
@@ -393,7 +392,6 @@ pub struct DeviceControl {
 pub struct IngestSettings {
     pub batch_max: usize,
     pub workers: usize,
-    pub lease_ms: i64,
     /// Per-device rates and the bound on internal requests answered at once.
     pub limits: crate::domain::limits::DeviceLimits,
 }
@@ -421,7 +419,6 @@ pub struct IngestService {
 struct Worker {
     store: Arc<dyn Store>,
     dedup: Arc<dyn Deduplicator>,
-    relay: RelayHandle,
     control: DeviceControl,
     settings: Arc<IngestSettings>,
     rx: mpsc::Receiver<Job>,
@@ -431,7 +428,6 @@ impl IngestService {
     pub fn start(
         store: Arc<dyn Store>,
         dedup: Arc<dyn Deduplicator>,
-        relay: RelayHandle,
         control: DeviceControl,
         settings: IngestSettings,
     ) -> Self {
@@ -453,7 +449,6 @@ impl IngestService {
             let worker = Worker {
                 store: store.clone(),
                 dedup: dedup.clone(),
-                relay: relay.clone(),
                 control: control.clone(),
                 settings: settings.clone(),
                 rx,
@@ -540,7 +535,7 @@ impl Worker {
         let (presence, connected) = in_lock_order(sorted.presence);
         batch.presence = presence;
         if !batch.is_empty() {
-            if let Err(e) = self.store_batch(batch, claimed, now).await {
+            if let Err(e) = self.store_batch(batch, claimed).await {
                 self.settings.limits.refund_messages(&sorted.charged);
                 return Err(e);
             }
@@ -684,8 +679,8 @@ impl Worker {
         self.store.active_devices(&speakers).await
     }
 
-    async fn store_batch(&self, batch: IngestBatch, claimed: Vec<String>, now: i64) -> Result<()> {
-        match self.store.ingest(&batch, now, self.settings.lease_ms).await {
+    async fn store_batch(&self, batch: IngestBatch, claimed: Vec<String>) -> Result<()> {
+        match self.store.ingest(&batch).await {
             Ok(outcome) => {
                 if let Err(e) = self.dedup.complete(&claimed).await {
                     // The claims expire by themselves; the database's unique keys catch what slips through.
@@ -695,7 +690,6 @@ impl Worker {
                 counter("iothub_ingest_messages_duplicate_total", outcome.messages_duplicate);
                 counter("iothub_ingest_presence_applied_total", outcome.presence_applied);
                 counter("iothub_ingest_reports_applied_total", outcome.reports_applied);
-                self.relay.hand_off(outcome.outbox);
                 Ok(())
             }
             Err(e) => {

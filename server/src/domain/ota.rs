@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
-use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
 use crate::model::commands::{CommandMode, NewCommand, PayloadFormat};
@@ -93,8 +92,6 @@ pub struct OtaService {
     commands_log: Arc<dyn CommandStore>,
     store: Arc<dyn Store>,
     commands: CommandService,
-    relay: RelayHandle,
-    outbox_lease_ms: i64,
 }
 
 impl OtaService {
@@ -103,10 +100,8 @@ impl OtaService {
         commands_log: Arc<dyn CommandStore>,
         store: Arc<dyn Store>,
         commands: CommandService,
-        relay: RelayHandle,
-        outbox_lease_ms: i64,
     ) -> Self {
-        Self { ota, commands_log, store, commands, relay, outbox_lease_ms }
+        Self { ota, commands_log, store, commands }
     }
 
     async fn targets(&self, product: &ProductId, target: &OtaTarget) -> Result<Vec<DeviceId>> {
@@ -204,11 +199,7 @@ impl OtaService {
             size: package.size,
             md5: package.md5,
         };
-        let (logged, outbox) = self
-            .commands_log
-            .create_rollout(&rollout, &commands, &events::command_state, now, self.outbox_lease_ms)
-            .await?;
-        self.relay.hand_off(outbox);
+        let logged = self.commands_log.create_rollout(&rollout, &commands, &events::command_state, now).await?;
         metrics::counter!("iothub_ota_targets_total").increment(logged.len() as u64);
         // Online targets get it now; the others when they connect (or from the scheduler).
         self.commands.devices_connected(logged.into_iter().map(|c| c.device).collect());

@@ -1,6 +1,6 @@
 //! The outbox relay: moves committed events from the outbox to the event bus, at least once.
 //!
-//! The ingest path hands each committed batch's outbox rows straight to the relay, which publishes them
+//! Every store hands the outbox rows it commits straight to the relay (as its [`OutboxSink`]), which publishes them
 //! (RabbitMQ confirms; up to four rounds in flight) and deletes them. Rows whose publishing failed are released and picked up by the
 //! periodic sweep once the bus is back; rows of an instance that died between commit and publish are
 //! swept by any instance after their lease expires. A row is deleted only after the bus confirmed it, so
@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::clock::now_ms;
 use crate::model::store::OutboxRecord;
 use crate::ports::event_bus::EventBus;
-use crate::ports::store::Store;
+use crate::ports::outbox::{OutboxSink, OutboxStore};
 
 /// Most events published in one confirm round.
 const PUBLISH_CHUNK: usize = 2_000;
@@ -52,15 +52,27 @@ pub struct RelaySettings {
     pub linger: Duration,
 }
 
-/// Starts the relay task. It runs until every [`RelayHandle`] is dropped.
-pub fn start(store: Arc<dyn Store>, bus: Arc<dyn EventBus>, settings: RelaySettings) -> RelayHandle {
+impl OutboxSink for RelayHandle {
+    fn committed(&self, records: Vec<OutboxRecord>) {
+        self.hand_off(records);
+    }
+}
+
+/// The relay's intake, until [`start`] runs it. Made before the stores, which hand rows to its handle.
+pub struct RelayIntake(mpsc::UnboundedReceiver<HandOff>);
+
+pub fn channel() -> (RelayHandle, RelayIntake) {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Relay { store, bus, settings, backoff: None }.run(rx));
-    RelayHandle { tx }
+    (RelayHandle { tx }, RelayIntake(rx))
+}
+
+/// Starts the relay task. It runs until every [`RelayHandle`] is dropped.
+pub fn start(intake: RelayIntake, store: Arc<dyn OutboxStore>, bus: Arc<dyn EventBus>, settings: RelaySettings) {
+    tokio::spawn(Relay { store, bus, settings, backoff: None }.run(intake.0));
 }
 
 struct Relay {
-    store: Arc<dyn Store>,
+    store: Arc<dyn OutboxStore>,
     bus: Arc<dyn EventBus>,
     settings: RelaySettings,
     /// Set while the bus is failing: (retry not before, current delay).
@@ -211,7 +223,7 @@ impl Relay {
     }
 }
 
-async fn release(store: &dyn Store, records: &[OutboxRecord]) {
+async fn release(store: &dyn OutboxStore, records: &[OutboxRecord]) {
     let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
     if let Err(e) = store.outbox_release(&ids).await {
         tracing::warn!(error = %e, "could not release outbox rows; they return after their lease");

@@ -12,9 +12,7 @@ use std::time::Duration;
 use crate::clock::now_ms;
 use crate::config::RetentionConfig;
 use crate::error::Result;
-use crate::ports::commands::CommandStore;
-use crate::ports::ota::OtaStore;
-use crate::ports::store::Store;
+use crate::ports::retention::RetentionStore;
 
 /// Rows per delete statement.
 pub const BATCH: u32 = 5_000;
@@ -44,32 +42,22 @@ impl From<&RetentionConfig> for RetentionSettings {
 }
 
 /// Starts the pruning loop if anything is to be pruned; it ends when the stores are dropped.
-pub fn start(
-    store: &Arc<dyn Store>,
-    commands: &Arc<dyn CommandStore>,
-    ota: &Arc<dyn OtaStore>,
-    settings: RetentionSettings,
-) {
+pub fn start(store: &Arc<dyn RetentionStore>, settings: RetentionSettings) {
     if settings.messages_ms.is_none() && settings.commands_ms.is_none() && settings.ota_ms.is_none() {
         return;
     }
-    tokio::spawn(run(Arc::downgrade(store), Arc::downgrade(commands), Arc::downgrade(ota), settings));
+    tokio::spawn(run(Arc::downgrade(store), settings));
 }
 
-async fn run(
-    store: Weak<dyn Store>,
-    commands: Weak<dyn CommandStore>,
-    ota: Weak<dyn OtaStore>,
-    settings: RetentionSettings,
-) {
+async fn run(store: Weak<dyn RetentionStore>, settings: RetentionSettings) {
     let mut interval = tokio::time::interval(settings.every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let (Some(store), Some(commands), Some(ota)) = (store.upgrade(), commands.upgrade(), ota.upgrade()) else {
+        let Some(store) = store.upgrade() else {
             return;
         };
-        if let Err(e) = prune(store.as_ref(), commands.as_ref(), ota.as_ref(), &settings, now_ms()).await {
+        if let Err(e) = prune(store.as_ref(), &settings, now_ms()).await {
             tracing::warn!(error = %e, "retention round failed; retrying at the next one");
         }
     }
@@ -77,23 +65,17 @@ async fn run(
 
 /// One round: everything past its age, batch after batch, until a batch comes back short.
 #[tracing::instrument(skip_all, name = "retention.prune")]
-async fn prune(
-    store: &dyn Store,
-    commands: &dyn CommandStore,
-    ota: &dyn OtaStore,
-    settings: &RetentionSettings,
-    now: i64,
-) -> Result<(u64, u64, u64)> {
+async fn prune(store: &dyn RetentionStore, settings: &RetentionSettings, now: i64) -> Result<(u64, u64, u64)> {
     let messages = match settings.messages_ms {
         Some(age) => drain("messages", || store.prune_messages(now - age, BATCH)).await?,
         None => 0,
     };
     let finished = match settings.commands_ms {
-        Some(age) => drain("commands", || commands.prune_commands(now - age, BATCH)).await?,
+        Some(age) => drain("commands", || store.prune_commands(now - age, BATCH)).await?,
         None => 0,
     };
     let rollouts = match settings.ota_ms {
-        Some(age) => drain("ota", || ota.prune_rollouts(now - age, BATCH)).await?,
+        Some(age) => drain("ota", || store.prune_rollouts(now - age, BATCH)).await?,
         None => 0,
     };
     if messages + finished + rollouts > 0 {

@@ -19,7 +19,6 @@ use serde_json::{Map, Value};
 
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
-use crate::domain::relay::RelayHandle;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
 use crate::model::events;
@@ -179,19 +178,11 @@ pub struct ShadowService {
     shadows: Arc<dyn ShadowStore>,
     store: Arc<dyn Store>,
     commands: CommandService,
-    relay: RelayHandle,
-    outbox_lease_ms: i64,
 }
 
 impl ShadowService {
-    pub fn new(
-        shadows: Arc<dyn ShadowStore>,
-        store: Arc<dyn Store>,
-        commands: CommandService,
-        relay: RelayHandle,
-        outbox_lease_ms: i64,
-    ) -> Self {
-        Self { shadows, store, commands, relay, outbox_lease_ms }
+    pub fn new(shadows: Arc<dyn ShadowStore>, store: Arc<dyn Store>, commands: CommandService) -> Self {
+        Self { shadows, store, commands }
     }
 
     pub async fn get(&self, device: &DeviceRef) -> Result<Shadow> {
@@ -215,13 +206,7 @@ impl ShadowService {
             return Err(Error::validation("state", format!("the shadow would exceed {MAX_DOCUMENT_BYTES} bytes")));
         }
         let event = events::shadow(device, source.as_str(), &shadow.view(), shadow.version);
-        match self.shadows.put_shadow(device, expected, &text, &event, now_ms(), self.outbox_lease_ms).await? {
-            Some(outbox) => {
-                self.relay.hand_off(outbox);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        self.shadows.put_shadow(device, expected, &text, &event).await
     }
 
     /// Business update of the desired state, against the version the caller read.

@@ -2,7 +2,6 @@
 
 use crate::ids::{DeviceRef, ProductId};
 use crate::model::event_bus::BusEvent;
-use crate::model::store::OutboxRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -278,7 +277,6 @@ pub type QueuedEvent<'a> = &'a (dyn Fn(&CommandRecord) -> BusEvent + Send + Sync
 pub struct ChangeOutcome {
     /// The commands after every change that took effect (in lock order: by device, then request id).
     pub changed: Vec<(CommandRecord, Transition)>,
-    pub outbox: Vec<OutboxRecord>,
 }
 
 #[derive(Debug, Clone, Default)]

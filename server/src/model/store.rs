@@ -213,8 +213,6 @@ pub struct IngestOutcome {
     pub messages_duplicate: usize,
     pub reports_applied: usize,
     pub presence_applied: usize,
-    /// Outbox rows written by this batch (leased to the caller for publishing).
-    pub outbox: Vec<OutboxRecord>,
 }
 
 /// One broker session of a device, as stored.

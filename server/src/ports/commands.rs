@@ -9,7 +9,6 @@
 use crate::error::Result;
 use crate::ids::{DeviceRef, ProductId};
 use crate::model::commands::*;
-use crate::model::store::OutboxRecord;
 use async_trait::async_trait;
 
 #[async_trait]
@@ -28,8 +27,7 @@ pub trait CommandStore: Send + Sync + 'static {
         commands: &[NewCommand],
         queued_event: QueuedEvent<'_>,
         now: i64,
-        lease_ms: i64,
-    ) -> Result<(Vec<Result<Inserted>>, Vec<OutboxRecord>)>;
+    ) -> Result<Vec<Result<Inserted>>>;
     async fn get_command(&self, device: &DeviceRef, request_id: &str) -> Result<Option<CommandRecord>>;
     async fn list_commands(&self, device: &DeviceRef, filter: &CommandFilter) -> Result<Vec<CommandRecord>>;
     /// Leases up to `limit` commands ready to go out: unexpired, not replied, their device online, and
@@ -41,9 +39,6 @@ pub trait CommandStore: Send + Sync + 'static {
         lease_ms: i64,
         limit: u32,
     ) -> Result<Vec<CommandRecord>>;
-    /// Deletes up to `limit` finished commands (replied, expired, failed) created before `before` (ms);
-    /// returns how many. Open commands are never pruned.
-    async fn prune_commands(&self, before: i64, limit: u32) -> Result<u64>;
     /// Unfinished commands whose TTL passed (for the expiry sweep).
     async fn expired_commands(&self, now: i64, limit: u32) -> Result<Vec<(DeviceRef, String)>>;
     /// Logs a tag command: one row per active device of the tag, with their `queued` events.
@@ -52,8 +47,7 @@ pub trait CommandStore: Send + Sync + 'static {
         command: &NewTagCommand,
         queued_event: QueuedEvent<'_>,
         now: i64,
-        lease_ms: i64,
-    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)>;
+    ) -> Result<Vec<CommandRecord>>;
     /// Creates an OTA rollout with a target and a logged command per device (request id = rollout id), with
     /// the commands' `queued` events, in one transaction. Returns the commands.
     async fn create_rollout(
@@ -62,8 +56,7 @@ pub trait CommandStore: Send + Sync + 'static {
         commands: &[NewCommand],
         queued_event: QueuedEvent<'_>,
         now: i64,
-        lease_ms: i64,
-    ) -> Result<(Vec<CommandRecord>, Vec<OutboxRecord>)>;
+    ) -> Result<Vec<CommandRecord>>;
     /// Every device's row of a tag command.
     async fn tag_command(&self, product: &ProductId, request_id: &str) -> Result<Vec<CommandRecord>>;
     /// Applies the changes in one transaction with the events `events_for` builds for each one that
@@ -73,7 +66,5 @@ pub trait CommandStore: Send + Sync + 'static {
         changes: &[CommandChange],
         events_for: EventsFor<'_>,
         durability: Durability,
-        now: i64,
-        lease_ms: i64,
     ) -> Result<ChangeOutcome>;
 }

@@ -23,10 +23,4 @@ pub trait OtaStore: Send + Sync + 'static {
     async fn devices_with_open_targets(&self, devices: &[DeviceRef]) -> Result<Vec<DeviceRef>>;
     /// A status report (JSON text): open targets whose `{type}_version` it equals succeed. Returns how many.
     async fn apply_ota_status(&self, device: &DeviceRef, status_json: &str, at: i64) -> Result<usize>;
-    /// Retention: deletes up to `limit` targets of rollouts created before `before` (ms), then up to `limit`
-    /// old rollouts left without targets; returns how many rows went (call again until it returns less
-    /// than `limit`). Whatever the targets' state:
-    /// an old rollout is history (a later progress report for it updates no target, as for any unknown
-    /// rollout).
-    async fn prune_rollouts(&self, before: i64, limit: u32) -> Result<u64>;
 }

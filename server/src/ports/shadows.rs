@@ -9,21 +9,12 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::ids::DeviceRef;
 use crate::model::event_bus::BusEvent;
-use crate::model::store::OutboxRecord;
 
 #[async_trait]
 pub trait ShadowStore: Send + Sync + 'static {
     /// The stored document (JSON text) with its version; `None` when the device has none yet.
     async fn get_shadow(&self, device: &DeviceRef) -> Result<Option<(i64, String)>>;
     /// Stores `document` as version `expected + 1` if the stored version is `expected` (0: none stored
-    /// yet), with its event. `Ok(None)`: the version moved on (conflict). The device must exist.
-    async fn put_shadow(
-        &self,
-        device: &DeviceRef,
-        expected: i64,
-        document: &str,
-        event: &BusEvent,
-        now: i64,
-        lease_ms: i64,
-    ) -> Result<Option<Vec<OutboxRecord>>>;
+    /// yet), with its event. `Ok(false)`: the version moved on (conflict). The device must exist.
+    async fn put_shadow(&self, device: &DeviceRef, expected: i64, document: &str, event: &BusEvent) -> Result<bool>;
 }

@@ -1,5 +1,7 @@
-//! The persistence port: products, devices, device credentials, API keys, and what devices report
-//! (presence, data history, status) together with the event outbox.
+//! The persistence ports of the device registry and of what devices report: [`RegistryStore`] (products,
+//! devices, device credentials, API keys, token grants) and [`TelemetryStore`] (ingest of messages, status
+//! reports and presence, and their history). [`Store`] is both plus the [`OutboxStore`], as the services
+//! that need several hold it.
 //!
 //! Implemented for PostgreSQL (production) and SQLite (embedded). Every multi-row change is one
 //! transaction, so a failed bulk registration writes nothing and an ingested batch is stored with its
@@ -8,11 +10,17 @@
 use crate::error::Result;
 use crate::ids::{DeviceRef, ProductId};
 use crate::model::store::*;
+use crate::ports::outbox::OutboxStore;
 use crate::secrets::SecretHash;
 use async_trait::async_trait;
 
+/// The registry, telemetry and outbox of one database.
+pub trait Store: RegistryStore + TelemetryStore + OutboxStore {}
+
+impl<T: RegistryStore + TelemetryStore + OutboxStore> Store for T {}
+
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait RegistryStore: Send + Sync + 'static {
     /// Cheap round trip for `/readyz`.
     async fn ping(&self) -> Result<()>;
     fn backend(&self) -> &'static str;
@@ -62,25 +70,19 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> Result<()>;
     async fn get_token_session(&self, client_id: &str, username: &str) -> Result<Option<StoredTokenSession>>;
+}
 
-    /// Applies a batch in one transaction, writing an outbox row for every effective change. Replays are
-    /// harmless: a known message id stores nothing and emits nothing; a presence fact already known
-    /// changes nothing. The outbox rows come back leased for `lease_ms` to the caller, who publishes them.
-    async fn ingest(&self, batch: &IngestBatch, now: i64, lease_ms: i64) -> Result<IngestOutcome>;
-    /// Leases up to `limit` outbox rows whose lease expired (oldest first).
-    async fn outbox_lease(&self, limit: u32, now: i64, lease_ms: i64) -> Result<Vec<OutboxRecord>>;
-    /// Deletes published rows.
-    async fn outbox_ack(&self, ids: &[i64]) -> Result<()>;
-    /// Makes rows available to the next lease at once (publishing failed).
-    async fn outbox_release(&self, ids: &[i64]) -> Result<()>;
-    async fn outbox_len(&self) -> Result<i64>;
+#[async_trait]
+pub trait TelemetryStore: Send + Sync + 'static {
+    /// Applies a batch in one transaction, writing an outbox row for every effective change (handed to
+    /// the relay once committed). Replays are harmless: a known message id stores nothing and emits
+    /// nothing; a presence fact already known changes nothing.
+    async fn ingest(&self, batch: &IngestBatch) -> Result<IngestOutcome>;
 
     /// Sessions of a device, newest first.
     async fn list_connections(&self, device: &DeviceRef, limit: u32) -> Result<Vec<ConnectionRecord>>;
     async fn count_online(&self, product: &ProductId) -> Result<i64>;
     async fn list_messages(&self, device: &DeviceRef, filter: &MessageFilter) -> Result<Vec<MessageRecord>>;
-    /// Deletes up to `limit` stored messages the broker received before `before` (ms); returns how many.
-    async fn prune_messages(&self, before: i64, limit: u32) -> Result<u64>;
     async fn get_message(&self, device: &DeviceRef, message_id: &str) -> Result<Option<MessageRecord>>;
     async fn get_report(&self, device: &DeviceRef, kind: ReportKind) -> Result<Option<ReportRecord>>;
 }

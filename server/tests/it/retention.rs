@@ -149,7 +149,7 @@ both_backends!(ota_prune_goes_in_batches, ota_prune_goes_in_batches);
 /// The store's batches, one row at a time: an old rollout to three devices goes target by target, then the
 /// emptied rollout; a recent rollout stays whole.
 async fn ota_prune_goes_in_batches(db: Db) {
-    use iothub::ports::ota::OtaStore;
+    use iothub::ports::retention::RetentionStore;
     let hub = TestHub::start(db).await;
     hub.create_product("p").await;
     for device in ["a", "b", "c"] {
@@ -170,10 +170,10 @@ async fn ota_prune_goes_in_batches(db: Db) {
     execute(&hub, &format!("UPDATE ota_rollouts SET created_at = {} WHERE id = '{old}'", now - 40 * DAY_MS)).await;
 
     let url = &hub.config.database.url;
-    let ota: Box<dyn OtaStore> = if url.starts_with("postgres") {
-        Box::new(iothub::adapters::postgres::PgStore::connect(url, 2).await.unwrap())
+    let ota: Box<dyn RetentionStore> = if url.starts_with("postgres") {
+        Box::new(iothub::adapters::sql::PgStore::connect(url, 2).await.unwrap())
     } else {
-        Box::new(iothub::adapters::sqlite::SqliteStore::connect(url, 2).await.unwrap())
+        Box::new(iothub::adapters::sql::SqliteStore::connect(url, 2).await.unwrap())
     };
     let mut deleted = Vec::new();
     loop {
