@@ -240,6 +240,66 @@ pub fn is_internal_name(s: &str) -> bool {
     s.starts_with('$')
 }
 
+/// iothub's own messages, named with a `$` (never a business command, data type or resource): what a
+/// device asks on `get` or reports on `upload_data`, and what iothub sends it as a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Internal {
+    /// `get`: the device asks for the time (answered by [`Internal::SetNtp`]).
+    Ntp,
+    /// Command: the times a device needs to compute its clock offset.
+    SetNtp,
+    /// `get`: the device asks for its tags if its version is stale (answered by [`Internal::SetTags`]).
+    Tags,
+    /// Command: the device's tags and their version.
+    SetTags,
+    /// `get`: the device asks for its shadow (answered by [`Internal::ShadowReply`]).
+    Shadow,
+    /// `upload_data`: the device reports its state against a shadow version.
+    ShadowReported,
+    /// `upload_data`: the device changed its own desired state.
+    ShadowUpdated,
+    /// Command: the shadow's desired state changed.
+    UpdateShadow,
+    /// Command: the shadow, as the device asked for it.
+    ShadowReply,
+    /// Command: install a firmware or software package.
+    OtaUpgrade,
+}
+
+impl Internal {
+    pub const ALL: [Internal; 10] = [
+        Internal::Ntp,
+        Internal::SetNtp,
+        Internal::Tags,
+        Internal::SetTags,
+        Internal::Shadow,
+        Internal::ShadowReported,
+        Internal::ShadowUpdated,
+        Internal::UpdateShadow,
+        Internal::ShadowReply,
+        Internal::OtaUpgrade,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Internal::Ntp => "$ntp",
+            Internal::SetNtp => "$set_ntp",
+            Internal::Tags => "$tags",
+            Internal::SetTags => "$set_tags",
+            Internal::Shadow => "$shadow",
+            Internal::ShadowReported => "$shadow_reported",
+            Internal::ShadowUpdated => "$shadow_updated",
+            Internal::UpdateShadow => "$update_shadow",
+            Internal::ShadowReply => "$shadow_reply",
+            Internal::OtaUpgrade => "$ota_upgrade",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|i| i.as_str() == s)
+    }
+}
+
 fn id(s: &str) -> Result<&str, UpstreamError> {
     crate::ids::validate_id(s).map(|_| s).map_err(|_| UpstreamError::Id)
 }
@@ -360,15 +420,16 @@ pub const AUTO_SUBSCRIPTIONS: &[&str] = &["cmd/${username}/+/+/+/#", "rpc/${user
 /// `mode` is `cmd` or `rpc` and `expiresAt` is in Unix seconds (what devices of the reference IotHub
 /// compare against their clock).
 pub fn command_topic(
-    mode: &str,
+    kind: CommandKind,
     product: &str,
     device: &str,
     name: &str,
-    encoding: &str,
+    encoding: Encoding,
     request_id: &str,
     expires_at_ms: Option<i64>,
 ) -> String {
-    let mut topic = format!("{mode}/{product}/{device}/{name}/{encoding}/{request_id}");
+    let (kind, encoding) = (kind.as_str(), encoding.as_str());
+    let mut topic = format!("{kind}/{product}/{device}/{name}/{encoding}/{request_id}");
     if let Some(ms) = expires_at_ms {
         // Rounded up: a device must never drop a command before its TTL.
         topic.push_str(&format!("/{}", (ms + 999).div_euclid(1000)));
@@ -382,10 +443,11 @@ pub fn tag_command_topic(
     product: &str,
     tag: &str,
     name: &str,
-    encoding: &str,
+    encoding: Encoding,
     request_id: &str,
     expires_at_ms: Option<i64>,
 ) -> String {
+    let encoding = encoding.as_str();
     let mut topic = format!("tags/{product}/{tag}/cmd/{name}/{encoding}/{request_id}");
     if let Some(ms) = expires_at_ms {
         topic.push_str(&format!("/{}", (ms + 999).div_euclid(1000)));
@@ -396,32 +458,22 @@ pub fn tag_command_topic(
 /// A command topic as the broker reports its delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Downstream<'a> {
-    pub mode: &'a str,
+    pub kind: CommandKind,
     pub product: &'a str,
     pub device: &'a str,
     pub name: &'a str,
     pub request_id: &'a str,
 }
 
-/// Parses a command topic (see [`command_topic`]); `None` for anything else.
+/// Parses a command topic to one device (see [`command_topic`]); `None` for anything else. The same
+/// parser as the device's ([`parse_inbound`]): there is one reading of the downlink grammar.
 pub fn parse_downstream(topic: &str) -> Option<Downstream<'_>> {
-    let levels: Vec<&str> = topic.split('/').collect();
-    if !(levels.len() == 6 || levels.len() == 7) || !matches!(levels[0], "cmd" | "rpc") {
-        return None;
+    match parse_inbound(topic)? {
+        Inbound::Command { kind, product, device, tag: None, name, request_id, .. } => {
+            Some(Downstream { kind, product, device, name, request_id })
+        }
+        _ => None,
     }
-    let valid = crate::ids::validate_id(levels[1]).is_ok()
-        && crate::ids::validate_id(levels[2]).is_ok()
-        && is_name(levels[3])
-        && matches!(levels[4], "plain" | "base64")
-        && is_message_id(levels[5])
-        && levels.get(6).is_none_or(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
-    valid.then_some(Downstream {
-        mode: levels[0],
-        product: levels[1],
-        device: levels[2],
-        name: levels[3],
-        request_id: levels[5],
-    })
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -432,9 +484,12 @@ pub fn parse_downstream(topic: &str) -> Option<Downstream<'_>> {
 
 /// Whether a command is fire-and-forget (`cmd`, answered on `cmd_resp`) or synchronous (`rpc`, `rpc_resp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CommandKind {
+    /// Fire and forget; the reply (if any) arrives on `cmd_resp`.
     Cmd,
+    /// The caller waits for `rpc_resp`.
     Rpc,
 }
 
@@ -443,6 +498,14 @@ impl CommandKind {
         match self {
             CommandKind::Cmd => "cmd",
             CommandKind::Rpc => "rpc",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "cmd" => Some(CommandKind::Cmd),
+            "rpc" => Some(CommandKind::Rpc),
+            _ => None,
         }
     }
 
@@ -470,7 +533,7 @@ impl Encoding {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
             "plain" => Some(Encoding::Plain),
             "base64" => Some(Encoding::Base64),
@@ -600,16 +663,25 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn internal_names_are_dollar_names_and_parse_back() {
+        for name in Internal::ALL {
+            assert!(is_internal_name(name.as_str()), "{name:?}");
+            assert_eq!(Internal::parse(name.as_str()), Some(name));
+        }
+        assert_eq!(Internal::parse("$unknown"), None);
+    }
+
+    #[test]
     fn command_topics_round_trip_and_reach_the_device() {
-        let t = command_topic("cmd", "p", "d", "reboot", "plain", "r1", Some(1_700_000_000_001));
+        let t = command_topic(CommandKind::Cmd, "p", "d", "reboot", Encoding::Plain, "r1", Some(1_700_000_000_001));
         assert_eq!(t, "cmd/p/d/reboot/plain/r1/1700000001");
         assert_eq!(
             parse_downstream(&t),
-            Some(Downstream { mode: "cmd", product: "p", device: "d", name: "reboot", request_id: "r1" })
+            Some(Downstream { kind: CommandKind::Cmd, product: "p", device: "d", name: "reboot", request_id: "r1" })
         );
-        let rpc = command_topic("rpc", "p", "d", "$set_ntp", "plain", "r2", None);
+        let rpc = command_topic(CommandKind::Rpc, "p", "d", "$set_ntp", Encoding::Plain, "r2", None);
         assert_eq!(rpc, "rpc/p/d/$set_ntp/plain/r2");
-        assert_eq!(parse_downstream(&rpc).unwrap().mode, "rpc");
+        assert_eq!(parse_downstream(&rpc).unwrap().kind, CommandKind::Rpc);
         for bad in [
             "cmd/p/d/x/hex/r1",
             "cmd/p/d/x/plain",
@@ -619,7 +691,7 @@ mod tests {
         ] {
             assert_eq!(parse_downstream(bad), None, "{bad}");
         }
-        let tagged = tag_command_topic("p", "floor-3", "reboot", "plain", "r3", Some(1_000));
+        let tagged = tag_command_topic("p", "floor-3", "reboot", Encoding::Plain, "r3", Some(1_000));
         assert_eq!(tagged, "tags/p/floor-3/cmd/reboot/plain/r3/1");
         assert!(device_may("p", "d", Action::Subscribe, "tags/p/floor-3/cmd/+/+/+/#"));
         assert!(filter_permits("tags/p/floor-3/cmd/+/+/+/#", Action::Publish, &tagged));
@@ -809,11 +881,11 @@ mod tests {
             prop_assert!(device_may(&p, &d, Action::Publish, &reply));
 
             let expires_at = expires_ms.map(|ms| ((ms + 999) / 1000) as u64);
-            let sent = command_topic(kind.as_str(), &p, &d, &n, "base64", &r, expires_ms);
+            let sent = command_topic(kind, &p, &d, &n, Encoding::Base64, &r, expires_ms);
             prop_assert_eq!(parse_inbound(&sent), Some(Inbound::Command {
                 kind, product: &p, device: &d, tag: None, name: &n, encoding: Encoding::Base64, request_id: &r, expires_at,
             }));
-            let tagged = tag_command_topic(&p, &t, &n, "plain", &r, expires_ms);
+            let tagged = tag_command_topic(&p, &t, &n, Encoding::Plain, &r, expires_ms);
             prop_assert_eq!(parse_inbound(&tagged), Some(Inbound::Command {
                 kind: CommandKind::Cmd, product: &p, device: "", tag: Some(&t), name: &n, encoding: Encoding::Plain,
                 request_id: &r, expires_at,

@@ -14,7 +14,7 @@ use rumqttc::{AsyncClient, ConnectionError, EventLoop, MqttOptions, Outgoing, Pa
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use iothub_protocol::topics::{self, CommandKind, Encoding, Inbound};
+use iothub_protocol::topics::{self, CommandKind, Encoding, Inbound, Internal};
 
 use crate::clock::{Clock, NtpAnswer};
 use crate::config::{Backoff, DeviceConfig};
@@ -233,7 +233,8 @@ impl Device {
         let (tx, rx) = oneshot::channel();
         let token = inner.next_token.fetch_add(1, Ordering::Relaxed);
         inner.ntp_waiters.lock().unwrap().push((device_time, token, tx));
-        let topic = topics::data_request_topic(&inner.product, &inner.device, "$ntp", &new_message_id());
+        let topic =
+            topics::data_request_topic(&inner.product, &inner.device, Internal::Ntp.as_str(), &new_message_id());
         self.link
             .publish(topic, QoS::AtMostOnce, json!({ "device_time": device_time }).to_string().into_bytes())
             .await?;
@@ -242,7 +243,7 @@ impl Device {
         match answer {
             Ok(Ok(offset)) => Ok(offset),
             Ok(Err(_)) => Err(Error::Closed),
-            Err(_) => Err(Error::Timeout("$set_ntp")),
+            Err(_) => Err(Error::Timeout(Internal::SetNtp.as_str())),
         }
     }
 
@@ -466,12 +467,12 @@ fn on_connected(link: &Link) {
     for tag in tags {
         subscribe_tag(link, &tag);
     }
-    let request = |resource: &str, body: Value| {
-        let topic = topics::data_request_topic(&inner.product, &inner.device, resource, &new_message_id());
+    let request = |resource: Internal, body: Value| {
+        let topic = topics::data_request_topic(&inner.product, &inner.device, resource.as_str(), &new_message_id());
         link.publish_detached(topic, QoS::AtLeastOnce, body.to_string().into_bytes());
     };
-    request("$tags", json!({ "tags_version": tags_version }));
-    request("$shadow", json!({}));
+    request(Internal::Tags, json!({ "tags_version": tags_version }));
+    request(Internal::Shadow, json!({}));
     if let Some(out) = resend {
         link.send_shadow_detached(out);
     }
@@ -599,8 +600,8 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
             return Vec::new();
         }
     };
-    match name {
-        "$set_ntp" => {
+    match Internal::parse(name) {
+        Some(Internal::SetNtp) => {
             let Ok(answer) = serde_json::from_value::<NtpAnswer>(body) else { return Vec::new() };
             let offset = answer.offset_ms(inner.clock.local_ms());
             inner.clock.set_offset_ms(offset);
@@ -613,7 +614,7 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
             }
             vec![Event::TimeSynced { offset_ms: offset }]
         }
-        "$set_tags" => {
+        Some(Internal::SetTags) => {
             let Ok(push) = serde_json::from_value::<SetTags>(body) else { return Vec::new() };
             let mut state = inner.state.lock().unwrap();
             if !push.is_newer_than(state.store.state().tags_version) {
@@ -632,11 +633,11 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
             }
             vec![Event::TagsChanged { tags: new_tags, version: push.tags_version }]
         }
-        "$update_shadow" | "$shadow_reply" => {
+        Some(which @ (Internal::UpdateShadow | Internal::ShadowReply)) => {
             let (reaction, saved) = {
                 let mut state = inner.state.lock().unwrap();
                 let mut version = state.store.state().shadow_version;
-                let reaction = if name == "$update_shadow" {
+                let reaction = if which == Internal::UpdateShadow {
                     state.shadow.on_update(&body, &mut version)
                 } else {
                     state.shadow.on_reply(&body, &mut version, Instant::now())
@@ -658,7 +659,7 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
             }
             events
         }
-        "$ota_upgrade" => {
+        Some(Internal::OtaUpgrade) => {
             if !fresh(link, "o", request_id, expires_at) {
                 return Vec::new();
             }
@@ -677,8 +678,8 @@ fn on_internal(link: &Link, name: &str, request_id: &str, expires_at: Option<u64
                 link: link.clone(),
             })]
         }
-        other => {
-            tracing::debug!(device = %inner.device, name = other, "ignored an internal command this SDK does not know");
+        _ => {
+            tracing::debug!(device = %inner.device, name, "ignored an internal command this SDK does not know");
             Vec::new()
         }
     }

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use iothub_protocol::topics::Internal;
 use serde_json::{json, Map, Value};
 
 /// After this long without `$shadow_reply` (it travels at QoS 0), the message in flight counts as lost.
@@ -163,11 +164,11 @@ impl ShadowTracker {
 fn outgoing(op: &Op, version: i64) -> Outgoing {
     match op {
         Op::Report { reported, .. } => Outgoing {
-            data_type: "$shadow_reported",
+            data_type: Internal::ShadowReported.as_str(),
             payload: json!({ "state": { "reported": reported }, "version": version }),
         },
         Op::Applied { version: applied } => Outgoing {
-            data_type: "$shadow_updated",
+            data_type: Internal::ShadowUpdated.as_str(),
             payload: json!({ "state": { "desired": null }, "version": applied }),
         },
     }

@@ -143,14 +143,47 @@ pub struct Application {
     broker_queue_task: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The JWT signing secret (generated once and kept in the data directory unless configured) and the
+/// token the broker's hooks present (random per start unless configured).
+fn secrets(config: &Config) -> anyhow::Result<(String, String)> {
+    let jwt_secret = if config.auth.jwt_secret.is_empty() {
+        persisted_secret(&config.data_dir.join("jwt-secret"))?
+    } else {
+        config.auth.jwt_secret.clone()
+    };
+    let hook_token =
+        if config.broker.hook_token.is_empty() { random_token() } else { config.broker.hook_token.clone() };
+    Ok((jwt_secret, hook_token))
+}
+
+fn relay_settings(config: &Config) -> RelaySettings {
+    RelaySettings {
+        lease_ms: config.events.outbox_lease_ms as i64,
+        sweep_every: Duration::from_millis(config.events.outbox_sweep_ms),
+        linger: Duration::from_millis(config.events.publish_linger_ms),
+    }
+}
+
+fn command_settings(config: &Config) -> CommandSettings {
+    CommandSettings {
+        dispatch_lease_ms: config.commands.dispatch_lease_ms as i64,
+        sweep_every: Duration::from_millis(config.commands.sweep_ms),
+        // An RPC must answer before the HTTP request times out.
+        max_rpc_timeout: crate::domain::commands::MAX_RPC_TIMEOUT
+            .min(Duration::from_secs(config.http.request_timeout_secs).saturating_sub(Duration::from_secs(2)))
+            .max(Duration::from_secs(1)),
+        max_tag_targets: config.commands.max_tag_targets,
+    }
+}
+
 impl Application {
     pub async fn build(config: Config, listener: TcpListener) -> anyhow::Result<Self> {
         config.validate()?;
         create_private_dir(&config.data_dir)?;
         let http_addr = listener.local_addr()?;
+        // The relay's intake exists before the stores, which hand it the events they commit.
         let (relay_handle, relay_intake) = relay::channel();
-        let lease_ms = config.events.outbox_lease_ms as i64;
-        let outbox = OutboxHandOff::new(Arc::new(relay_handle), lease_ms);
+        let outbox = OutboxHandOff::new(Arc::new(relay_handle), config.events.outbox_lease_ms as i64);
         let Stores {
             store,
             commands: command_log,
@@ -161,13 +194,7 @@ impl Application {
             retention,
         } = open_stores(&config, config.database.migrate_on_start, outbox).await?;
 
-        let jwt_secret = if config.auth.jwt_secret.is_empty() {
-            persisted_secret(&config.data_dir.join("jwt-secret"))?
-        } else {
-            config.auth.jwt_secret.clone()
-        };
-        let hook_token =
-            if config.broker.hook_token.is_empty() { random_token() } else { config.broker.hook_token.clone() };
+        let (jwt_secret, hook_token) = secrets(&config)?;
 
         let (broker, embedded) = start_broker(&config, http_addr, &hook_token).await?;
 
@@ -186,16 +213,7 @@ impl Application {
         bootstrap_admin_key(&config, &api_keys).await?;
 
         let (dedup, bus) = (deduplicator(&config).await?, event_bus(&config));
-        relay::start(
-            relay_intake,
-            store.clone(),
-            bus.clone(),
-            RelaySettings {
-                lease_ms,
-                sweep_every: Duration::from_millis(config.events.outbox_sweep_ms),
-                linger: Duration::from_millis(config.events.publish_linger_ms),
-            },
-        );
+        relay::start(relay_intake, store.clone(), bus.clone(), relay_settings(&config));
         let replies = reply_hub(&config).await?;
         crate::domain::retention::start(&retention, (&config.retention).into());
         let commands = CommandService::start(
@@ -203,14 +221,7 @@ impl Application {
             command_log.clone(),
             broker.clone(),
             replies,
-            CommandSettings {
-                dispatch_lease_ms: config.commands.dispatch_lease_ms as i64,
-                sweep_every: Duration::from_millis(config.commands.sweep_ms),
-                max_rpc_timeout: crate::domain::commands::MAX_RPC_TIMEOUT
-                    .min(Duration::from_secs(config.http.request_timeout_secs).saturating_sub(Duration::from_secs(2)))
-                    .max(Duration::from_secs(1)),
-                max_tag_targets: config.commands.max_tag_targets,
-            },
+            command_settings(&config),
         );
         let tags = TagService::new(tag_store, commands.clone());
         let shadows = ShadowService::new(shadow_store, store.clone(), commands.clone());

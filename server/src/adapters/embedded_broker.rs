@@ -131,6 +131,48 @@ http_acl_req.params = {{ access = "%A", username = "%u", clientid = "%c", ipaddr
         ("rmqtt-auto-subscription", auto_subscription),
     ])
 }
+/// Wires iothub's pieces into the broker before any client connects: the router and hooks for inner-`$`
+/// topics, the identity gate, then the plugins (auth-http at priority 100 runs before acl at 10). Returns
+/// the hook registration, which must live as long as the broker.
+async fn install_plugins(
+    scx: &ServerContext,
+    webhook_url: url::Url,
+    identity_gate: bool,
+    auto_subscribe_delay: Option<Duration>,
+) -> anyhow::Result<Box<dyn rmqtt::hook::Register>> {
+    // Before any plugin or client uses it: the router that routes iothub's inner-`$` topics.
+    *scx.extends.router_mut().await = Box::new(crate::adapters::rmqtt_dollar::DollarTolerantRouter::new(
+        rmqtt::router::DefaultRouter::new(Some(scx.clone())),
+    ));
+    let dollar_hooks = scx.extends.hook_mgr().register();
+    let forwarder = Arc::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url));
+    for hook in [rmqtt::hook::Type::MessagePublish, rmqtt::hook::Type::MessageDelivered] {
+        dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
+    }
+    // Before every plugin: identities that are not well formed never reach auth-http's templates.
+    if identity_gate {
+        dollar_hooks
+            .add_priority(
+                rmqtt::hook::Type::ClientAuthenticate,
+                crate::adapters::rmqtt_identity::GATE_PRIORITY,
+                Box::new(crate::adapters::rmqtt_identity::IdentityGate),
+            )
+            .await;
+    }
+    dollar_hooks.start().await;
+    rmqtt_acl::register(scx, true, false).await.context("rmqtt-acl")?;
+    rmqtt_retainer::register(scx, true, false).await.context("rmqtt-retainer")?;
+    rmqtt_auth_http::register(scx, true, false).await.context("rmqtt-auth-http")?;
+    rmqtt_web_hook::register(scx, true, false).await.context("rmqtt-web-hook")?;
+    rmqtt_http_api::register(scx, true, false).await.context("rmqtt-http-api")?;
+    rmqtt_auto_subscription::register(scx, true, false).await.context("rmqtt-auto-subscription")?;
+    if let Some(delay) = auto_subscribe_delay {
+        let mut slot = scx.extends.auto_subscription_mut().await;
+        let inner = std::mem::replace(&mut *slot, Box::new(rmqtt::subscribe::DefaultAutoSubscription));
+        *slot = Box::new(DelayedAutoSubscription { inner, delay });
+    }
+    Ok(dollar_hooks)
+}
 
 /// The auto-subscription step, late (see [`EmbeddedBrokerSettings::auto_subscribe_delay`]).
 struct DelayedAutoSubscription {
@@ -184,38 +226,7 @@ impl EmbeddedBroker {
                 builder = builder.plugins_config_map_add(name, toml);
             }
             let scx = builder.build().await;
-            // Before any plugin or client uses it: the router that routes iothub's inner-`$` topics.
-            *scx.extends.router_mut().await = Box::new(crate::adapters::rmqtt_dollar::DollarTolerantRouter::new(
-                rmqtt::router::DefaultRouter::new(Some(scx.clone())),
-            ));
-            let dollar_hooks = scx.extends.hook_mgr().register();
-            let forwarder = Arc::new(crate::adapters::rmqtt_dollar::DollarTopicForwarder::start(webhook_url));
-            for hook in [rmqtt::hook::Type::MessagePublish, rmqtt::hook::Type::MessageDelivered] {
-                dollar_hooks.add(hook, Box::new(crate::adapters::rmqtt_dollar::Shared(forwarder.clone()))).await;
-            }
-            // Before every plugin: identities that are not well formed never reach auth-http's templates.
-            if identity_gate {
-                dollar_hooks
-                    .add_priority(
-                        rmqtt::hook::Type::ClientAuthenticate,
-                        crate::adapters::rmqtt_identity::GATE_PRIORITY,
-                        Box::new(crate::adapters::rmqtt_identity::IdentityGate),
-                    )
-                    .await;
-            }
-            dollar_hooks.start().await;
-            // Order matters only for readability: auth-http (priority 100) runs before acl (10).
-            rmqtt_acl::register(&scx, true, false).await.context("rmqtt-acl")?;
-            rmqtt_retainer::register(&scx, true, false).await.context("rmqtt-retainer")?;
-            rmqtt_auth_http::register(&scx, true, false).await.context("rmqtt-auth-http")?;
-            rmqtt_web_hook::register(&scx, true, false).await.context("rmqtt-web-hook")?;
-            rmqtt_http_api::register(&scx, true, false).await.context("rmqtt-http-api")?;
-            rmqtt_auto_subscription::register(&scx, true, false).await.context("rmqtt-auto-subscription")?;
-            if let Some(delay) = auto_subscribe_delay {
-                let mut slot = scx.extends.auto_subscription_mut().await;
-                let inner = std::mem::replace(&mut *slot, Box::new(rmqtt::subscribe::DefaultAutoSubscription));
-                *slot = Box::new(DelayedAutoSubscription { inner, delay });
-            }
+            let dollar_hooks = install_plugins(&scx, webhook_url, identity_gate, auto_subscribe_delay).await?;
             let listener = Builder::new()
                 .name("external/tcp")
                 .laddr(mqtt_listen)

@@ -21,7 +21,7 @@ use super::page::{decode_cursor, next_page, page_limit, time_cursor};
 use super::SharedState;
 use crate::domain::commands::{CommandRequest, DEFAULT_RPC_TIMEOUT};
 use crate::error::{Error, Problem, Result};
-use crate::model::commands::{CommandFilter, CommandMode, CommandRecord, CommandState, PayloadFormat, RetryPolicy};
+use crate::model::commands::{CommandFilter, CommandKind, CommandRecord, CommandState, PayloadFormat, RetryPolicy};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -105,7 +105,7 @@ pub struct Command {
     pub product_id: String,
     pub device_id: String,
     pub name: String,
-    pub mode: CommandMode,
+    pub mode: CommandKind,
     pub state: CommandState,
     /// The payload as given, in `encoding`'s form (`json`: the JSON value).
     #[schema(value_type = Object)]

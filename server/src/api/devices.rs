@@ -101,34 +101,15 @@ pub struct Device {
 /// One broker session of a device.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Connection {
-    pub client_id: String,
     /// Open when `disconnected_at` is absent.
     pub connected: bool,
-    pub connected_at: Option<i64>,
-    pub disconnected_at: Option<i64>,
-    /// Broker's disconnect reason (e.g. `normal`, `kicked`, `takenover`, `keepalive_timeout`).
-    pub reason: Option<String>,
-    pub ip_address: Option<String>,
-    pub proto_ver: Option<i32>,
-    pub keepalive: Option<i32>,
-    pub clean_start: Option<bool>,
-    pub node: Option<String>,
+    #[serde(flatten)]
+    pub session: ConnectionRecord,
 }
 
 impl From<ConnectionRecord> for Connection {
-    fn from(c: ConnectionRecord) -> Self {
-        Self {
-            connected: c.disconnected_at.is_none(),
-            client_id: c.client_id,
-            connected_at: c.connected_at,
-            disconnected_at: c.disconnected_at,
-            reason: c.reason,
-            ip_address: c.ip_address,
-            proto_ver: c.proto_ver,
-            keepalive: c.keepalive,
-            clean_start: c.clean_start,
-            node: c.node,
-        }
+    fn from(session: ConnectionRecord) -> Self {
+        Self { connected: session.disconnected_at.is_none(), session }
     }
 }
 

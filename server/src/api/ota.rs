@@ -79,7 +79,8 @@ fn target_view(t: TargetRecord) -> OtaTargetView {
     }
 }
 
-fn rollout_view((r, targets): (RolloutRecord, Vec<TargetRecord>), page: &TargetPageQuery) -> Result<Rollout> {
+fn rollout_view((record, targets): (RolloutRecord, Vec<TargetRecord>), page: &TargetPageQuery) -> Result<Rollout> {
+    let r = record.rollout;
     let count = |state: &str| targets.iter().filter(|t| t.state == state).count();
     let (succeeded, failed, total) = (count("succeeded"), count("failed"), targets.len());
     let (targets, next_cursor) = target_page(targets, page, |t| t.device.device.as_str())?;
@@ -95,7 +96,7 @@ fn rollout_view((r, targets): (RolloutRecord, Vec<TargetRecord>), page: &TargetP
         url: r.url,
         size: r.size,
         md5: r.md5,
-        created_at: r.created_at,
+        created_at: record.created_at,
         targets: targets.into_iter().map(target_view).collect(),
         next_cursor,
     })

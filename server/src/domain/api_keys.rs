@@ -15,6 +15,8 @@ use crate::model::store::ApiKeyRecord;
 use crate::ports::store::Store;
 use crate::secrets::{new_api_key, parse_api_key, verify_api_key, PlainSecret};
 
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
@@ -27,20 +29,11 @@ pub enum Scope {
 
 impl Scope {
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "read" => Some(Scope::Read),
-            "write" => Some(Scope::Write),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
+        s.parse().ok()
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Write => "write",
-            Scope::Admin => "admin",
-        }
+        self.into()
     }
 }
 

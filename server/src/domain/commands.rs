@@ -36,7 +36,7 @@ use crate::ports::broker::BrokerApi;
 use crate::ports::commands::*;
 use crate::ports::replies::{reply_key, Reply, ReplyHub};
 use crate::ports::store::Store;
-use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic};
+use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic, Internal};
 
 /// Largest command payload accepted (brokers default to 1 MiB packets; topic and headers need room).
 pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -171,9 +171,9 @@ impl CommandService {
 
     /// A caller's command as it is logged: claimed for sending at once if its device is online when it is
     /// written. An RPC is refused instead of queued for an offline device, and has no key or retry policy.
-    fn new_command(&self, device: &DeviceRef, request: CommandRequest, mode: CommandMode) -> NewCommand {
+    fn new_command(&self, device: &DeviceRef, request: CommandRequest, mode: CommandKind) -> NewCommand {
         let now = now_ms();
-        let rpc = mode == CommandMode::Rpc;
+        let rpc = mode == CommandKind::Rpc;
         NewCommand {
             device: device.clone(),
             request_id: new_request_id(),
@@ -312,14 +312,14 @@ impl CommandService {
 
     async fn create(&self, device: &DeviceRef, request: CommandRequest) -> Result<(CommandRecord, bool)> {
         let inner = &self.inner;
-        let command = self.new_command(device, request, CommandMode::Cmd);
+        let command = self.new_command(device, request, CommandKind::Cmd);
         let (name, payload, format, qos) = (command.name.clone(), command.payload.clone(), command.format, command.qos);
         let (inserted, sent) = self.log(command).await?;
         let record = match inserted {
             Inserted::Created(record) => record,
             Inserted::Existing(record) => {
                 let same = (record.name.as_str(), record.payload.as_slice(), record.mode, record.format, record.qos)
-                    == (name.as_str(), payload.as_slice(), CommandMode::Cmd, format, qos);
+                    == (name.as_str(), payload.as_slice(), CommandKind::Cmd, format, qos);
                 if !same {
                     return Err(Error::Conflict(
                         "Idempotency-Key was already used for a different command to this device".into(),
@@ -376,7 +376,7 @@ impl CommandService {
                 self.wait_subscribed_to(device, 1, timeout / 2).await;
             }
         }
-        let command = self.new_command(device, request, CommandMode::Rpc);
+        let command = self.new_command(device, request, CommandKind::Rpc);
         // The waiter is registered before the command is logged, so no reply can slip past it.
         let waiter =
             inner.replies.wait(reply_key(device.product.as_str(), device.device.as_str(), &command.request_id));
@@ -449,30 +449,8 @@ impl CommandService {
         tag: &str,
         request: CommandRequest,
     ) -> Result<Vec<CommandRecord>> {
-        Self::validate(&request)?;
-        crate::ids::validate_id(tag).map_err(|e| Error::validation("tag", e))?;
-        if request.idempotency_key.is_some() || request.retry.is_some() {
-            return Err(Error::validation("retry", "tag commands take no retry policy or Idempotency-Key"));
-        }
+        self.check_tag_request(product, tag, &request).await?;
         let inner = &self.inner;
-        if inner.store.get_product(product).await?.is_none() {
-            return Err(Error::not_found("product", product));
-        }
-        // A cap checked before anything is written: one call must not write (and later page through) an
-        // unbounded number of rows. Racy against tags changing meanwhile, which only moves the cap by those.
-        let cap = inner.settings.max_tag_targets;
-        let probe = DeviceFilter {
-            status: Some(DeviceStatus::Active),
-            tag: Some(tag.to_string()),
-            limit: cap + 1,
-            ..Default::default()
-        };
-        if inner.store.list_devices(product, &probe).await?.len() > cap as usize {
-            return Err(Error::validation(
-                "tag",
-                format!("targets more than {cap} devices (commands.max_tag_targets); split the tag"),
-            ));
-        }
         let now = now_ms();
         let command = NewTagCommand {
             product: product.clone(),
@@ -494,13 +472,55 @@ impl CommandService {
         if claimed.is_empty() {
             return Ok(records);
         }
+        let mut changed = self.publish_to_tag(&command, &claimed).await?;
+        Ok(records.into_iter().map(|r| changed.remove(&r.device).unwrap_or(r)).collect())
+    }
+
+    /// A tag command's request is valid, its product exists, and its tag reaches at most
+    /// `commands.max_tag_targets` active devices: a cap checked before anything is written, as one call
+    /// must not write (and later page through) an unbounded number of rows. Racy against tags changing
+    /// meanwhile, which only moves the cap by those.
+    async fn check_tag_request(&self, product: &ProductId, tag: &str, request: &CommandRequest) -> Result<()> {
+        Self::validate(request)?;
+        crate::ids::validate_id(tag).map_err(|e| Error::validation("tag", e))?;
+        if request.idempotency_key.is_some() || request.retry.is_some() {
+            return Err(Error::validation("retry", "tag commands take no retry policy or Idempotency-Key"));
+        }
+        let inner = &self.inner;
+        if inner.store.get_product(product).await?.is_none() {
+            return Err(Error::not_found("product", product));
+        }
+        let cap = inner.settings.max_tag_targets;
+        let probe = DeviceFilter {
+            status: Some(DeviceStatus::Active),
+            tag: Some(tag.to_string()),
+            limit: cap + 1,
+            ..Default::default()
+        };
+        if inner.store.list_devices(product, &probe).await?.len() > cap as usize {
+            return Err(Error::validation(
+                "tag",
+                format!("targets more than {cap} devices (commands.max_tag_targets); split the tag"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes a tag command once on its tag topic for the devices online now (`claimed`) and records
+    /// the outcome on each of their rows; returns the rows that changed, by device.
+    async fn publish_to_tag(
+        &self,
+        command: &NewTagCommand,
+        claimed: &[&CommandRecord],
+    ) -> Result<std::collections::HashMap<DeviceRef, CommandRecord>> {
+        let inner = &self.inner;
         let sent_at = now_ms();
         let message = OutboundMessage {
             topic: tag_command_topic(
-                product.as_str(),
-                tag,
+                command.product.as_str(),
+                &command.tag,
                 &command.name,
-                command.format.wire_encoding(),
+                command.format.encoding(),
                 &command.request_id,
                 command.expires_at,
             ),
@@ -532,9 +552,7 @@ impl CommandService {
             })
             .collect();
         let outcome = inner.commands.change_commands(&changes, &events_for, Durability::Relaxed).await?;
-        let mut changed: std::collections::HashMap<DeviceRef, CommandRecord> =
-            outcome.changed.into_iter().map(|(r, _)| (r.device.clone(), r)).collect();
-        Ok(records.into_iter().map(|r| changed.remove(&r.device).unwrap_or(r)).collect())
+        Ok(outcome.changed.into_iter().map(|(r, _)| (r.device.clone(), r)).collect())
     }
 
     /// Every device's row of a tag command.
@@ -731,15 +749,14 @@ impl CommandService {
     }
 
     async fn publish(&self, command: &CommandRecord, now: i64) -> Result<Published> {
-        let encoding = command.format.wire_encoding();
         let payload = wire_payload(command.format, &command.payload);
         let message = OutboundMessage {
             topic: command_topic(
-                command.mode.as_str(),
+                command.mode,
                 command.device.product.as_str(),
                 command.device.device.as_str(),
                 &command.name,
-                encoding,
+                command.format.encoding(),
                 &command.request_id,
                 command.expires_at,
             ),
@@ -752,20 +769,19 @@ impl CommandService {
 
     /// Sends one of iothub's own commands (`$set_ntp`, ...): not logged, because it answers a request
     /// the device repeats if it gets no answer.
-    #[tracing::instrument(skip_all, fields(%device, name), name = "commands.send_internal")]
-    pub async fn send_internal(&self, device: &DeviceRef, name: &str, payload: Vec<u8>, qos: u8) -> Result<()> {
-        debug_assert!(is_internal_name(name));
+    #[tracing::instrument(skip_all, fields(%device, name = name.as_str()), name = "commands.send_internal")]
+    pub async fn send_internal(&self, device: &DeviceRef, name: Internal, payload: Vec<u8>, qos: u8) -> Result<()> {
         let topic = command_topic(
-            "cmd",
+            CommandKind::Cmd,
             device.product.as_str(),
             device.device.as_str(),
-            name,
-            "plain",
+            name.as_str(),
+            Encoding::Plain,
             &new_request_id(),
             None,
         );
         self.inner.broker.publish(&OutboundMessage { topic, payload, qos, expiry_secs: None }).await?;
-        metrics::counter!("iothub_internal_commands_total", "name" => name.to_string()).increment(1);
+        metrics::counter!("iothub_internal_commands_total", "name" => name.as_str()).increment(1);
         Ok(())
     }
 
@@ -861,7 +877,7 @@ mod tests {
         let mut r = NewCommand {
             device: DeviceRef::new(ProductId::parse("p").unwrap(), DeviceId::parse("d").unwrap()),
             request_id: "r".into(),
-            mode: CommandMode::Cmd,
+            mode: CommandKind::Cmd,
             name: "n".into(),
             format: PayloadFormat::Plain,
             payload: vec![],
@@ -900,7 +916,7 @@ mod tests {
         r.state = CommandState::Replied;
         assert!(events_for(&r, &Transition::Delivered { at: 1 }).is_empty(), "late delivery report");
         let replied =
-            Transition::Replied { at: 1, mode: CommandMode::Cmd, payload: b"ok".to_vec(), message_id: "m".into() };
+            Transition::Replied { at: 1, mode: CommandKind::Cmd, payload: b"ok".to_vec(), message_id: "m".into() };
         let kinds: Vec<_> = events_for(&r, &replied).iter().map(|e| e.kind).collect();
         assert_eq!(
             kinds,

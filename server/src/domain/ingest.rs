@@ -20,7 +20,7 @@ use crate::domain::shadows::{ShadowService, ShadowSource};
 use crate::domain::tags::TagService;
 use crate::error::{Error, Result};
 use crate::ids::DeviceRef;
-use crate::model::commands::{CommandChange, CommandMode, Transition};
+use crate::model::commands::{CommandChange, CommandKind, Transition};
 use crate::model::dedup::Claim;
 use crate::model::event_bus::BusEvent;
 use crate::model::event_bus::EventKind;
@@ -29,7 +29,7 @@ use crate::model::json::storable_json;
 use crate::model::store::{IngestBatch, NewMessage, NewReport, PresenceChange, ReportKind};
 use crate::ports::dedup::Deduplicator;
 use crate::ports::store::Store;
-use crate::topics::{is_internal_name, parse_downstream, parse_upstream, Upstream};
+use crate::topics::{is_internal_name, parse_downstream, parse_upstream, Internal, Upstream};
 
 /// A broker event, normalised across EMQX 5, EMQX 4 and RMQTT.
 #[derive(Debug, Clone, PartialEq)]
@@ -257,22 +257,27 @@ fn classify(event: BrokerEvent, now: i64) -> Work {
             classify_publish(&client_id, username.as_deref(), &topic, payload, received_at, now)
         }
         BrokerEvent::Delivery { stage: DeliveryStage::Dropped, .. } => Work::Skip("dropped"),
-        BrokerEvent::Delivery { topic, at, username, .. } => match parse_downstream(&topic) {
-            // Only a delivery to the device itself counts (not to a monitoring client subscribed to `cmd/#`).
-            Some(down) if username.as_deref() == Some(format!("{}/{}", down.product, down.device).as_str()) => {
-                match (crate::ids::ProductId::parse(down.product), crate::ids::DeviceId::parse(down.device)) {
-                    (Ok(product), Ok(device)) => Work::Feedback(CommandChange {
-                        device: DeviceRef::new(product, device),
-                        request_id: down.request_id.to_string(),
-                        transition: Transition::Delivered { at },
-                    }),
-                    _ => Work::Skip("delivery"),
-                }
+        BrokerEvent::Delivery { topic, at, username, .. } => classify_delivery(&topic, at, username.as_deref()),
+    }
+}
+
+/// A delivery report of a command to its device becomes its `delivered` transition.
+fn classify_delivery(topic: &str, at: i64, username: Option<&str>) -> Work {
+    match parse_downstream(topic) {
+        // Only a delivery to the device itself counts (not to a monitoring client subscribed to `cmd/#`).
+        Some(down) if username == Some(format!("{}/{}", down.product, down.device).as_str()) => {
+            match (crate::ids::ProductId::parse(down.product), crate::ids::DeviceId::parse(down.device)) {
+                (Ok(product), Ok(device)) => Work::Feedback(CommandChange {
+                    device: DeviceRef::new(product, device),
+                    request_id: down.request_id.to_string(),
+                    transition: Transition::Delivered { at },
+                }),
+                _ => Work::Skip("delivery"),
             }
-            Some(_) => Work::Skip("delivery_to_other"),
-            // Deliveries of other topics (m2m, tags) are not tracked.
-            None => Work::Skip("delivery"),
-        },
+        }
+        Some(_) => Work::Skip("delivery_to_other"),
+        // Deliveries of other topics (m2m, tags) are not tracked.
+        None => Work::Skip("delivery"),
     }
 }
 
@@ -303,32 +308,8 @@ fn classify_publish(
     let key = |kind: &str, message_id: &str| format!("{kind}:{publisher}/{message_id}");
     match upstream {
         Upstream::UploadData { data_type, message_id, .. } => {
-            if matches!(data_type, "$shadow_reported" | "$shadow_updated") {
-                // Each kind dispatched by its own name (the reference IotHub's `else if ("$shadow_updated")`
-                // sent every shadow message down one branch).
-                return Work::Internal(InternalRequest {
-                    device: publisher,
-                    resource: data_type.to_string(),
-                    payload,
-                    received_at: sent_at,
-                });
-            }
-            if is_internal_name(data_type) {
-                return Work::Skip("internal");
-            }
-            let event = events::upload_data(&publisher, message_id, data_type, &payload, sent_at, now);
-            Work::Message {
-                key: key("u", message_id),
-                message: NewMessage {
-                    payload_json: storable_json(&payload).map(|(_, text)| text),
-                    device: publisher,
-                    message_id: message_id.to_string(),
-                    data_type: data_type.to_string(),
-                    payload,
-                    sent_at,
-                    event,
-                },
-            }
+            let key = key("u", message_id);
+            classify_upload(publisher, data_type, key, message_id, payload, sent_at, now)
         }
         Upstream::UpdateStatus { message_id, .. } | Upstream::UpdateOtaStatus { message_id, .. } => {
             let (kind, event_kind, prefix) = match upstream {
@@ -341,20 +322,18 @@ fn classify_publish(
                 return Work::Skip("rejected");
             };
             let event = events::report(event_kind, &publisher, message_id, &value, sent_at, now);
-            Work::Report {
-                key: key(prefix, message_id),
-                report: NewReport {
-                    device: publisher,
-                    kind,
-                    message_id: message_id.to_string(),
-                    payload_json: json,
-                    reported_at: sent_at,
-                },
-                event,
-            }
+            let key = key(prefix, message_id);
+            let report = NewReport {
+                device: publisher,
+                kind,
+                message_id: message_id.to_string(),
+                payload_json: json,
+                reported_at: sent_at,
+            };
+            Work::Report { key, report, event }
         }
         Upstream::CmdResp { request_id, message_id, .. } | Upstream::RpcResp { request_id, message_id, .. } => {
-            let mode = if matches!(upstream, Upstream::CmdResp { .. }) { CommandMode::Cmd } else { CommandMode::Rpc };
+            let mode = if matches!(upstream, Upstream::CmdResp { .. }) { CommandKind::Cmd } else { CommandKind::Rpc };
             Work::Feedback(CommandChange {
                 device: publisher,
                 request_id: request_id.to_string(),
@@ -375,6 +354,44 @@ fn classify_publish(
         }
         // Devices message each other directly through the broker; iothub only sees it if configured to.
         Upstream::M2m { .. } => Work::Skip("m2m"),
+    }
+}
+
+/// `upload_data`: history with its event, or a shadow report answered as an internal request (each kind
+/// dispatched by its own name; the reference IotHub's `else if ("$shadow_updated")` sent every shadow
+/// message down one branch). Other `$` names are iothub's own and never stored.
+fn classify_upload(
+    publisher: DeviceRef,
+    data_type: &str,
+    key: String,
+    message_id: &str,
+    payload: Vec<u8>,
+    sent_at: i64,
+    now: i64,
+) -> Work {
+    if matches!(Internal::parse(data_type), Some(Internal::ShadowReported | Internal::ShadowUpdated)) {
+        return Work::Internal(InternalRequest {
+            device: publisher,
+            resource: data_type.to_string(),
+            payload,
+            received_at: sent_at,
+        });
+    }
+    if is_internal_name(data_type) {
+        return Work::Skip("internal");
+    }
+    let event = events::upload_data(&publisher, message_id, data_type, &payload, sent_at, now);
+    Work::Message {
+        key,
+        message: NewMessage {
+            payload_json: storable_json(&payload).map(|(_, text)| text),
+            device: publisher,
+            message_id: message_id.to_string(),
+            data_type: data_type.to_string(),
+            payload,
+            sent_at,
+            event,
+        },
     }
 }
 
@@ -711,22 +728,22 @@ impl Worker {
 async fn answer_internal(control: &DeviceControl, request: InternalRequest) {
     let DeviceControl { commands, tags, shadows, .. } = control;
     let InternalRequest { device, resource, payload, received_at } = request;
-    let result = match resource.as_str() {
-        "$ntp" => {
+    let result = match Internal::parse(&resource) {
+        Some(Internal::Ntp) => {
             let Some(reply) = ntp_reply(&payload, received_at, now_ms()) else {
                 metrics::counter!("iothub_upstream_rejected_total", "reason" => "invalid_ntp").increment(1);
                 tracing::warn!(%device, "$ntp request without a numeric device_time ignored");
                 return;
             };
-            commands.send_internal(&device, "$set_ntp", reply.to_string().into_bytes(), 0).await
+            commands.send_internal(&device, Internal::SetNtp, reply.to_string().into_bytes(), 0).await
         }
-        "$tags" => tags.answer_request(&device, &payload).await.map(|_| ()),
-        "$shadow" => shadows.answer_request(&device).await,
-        "$shadow_reported" => shadows.from_device(&device, ShadowSource::DeviceReported, &payload).await,
-        "$shadow_updated" => shadows.from_device(&device, ShadowSource::DeviceUpdated, &payload).await,
-        other => {
+        Some(Internal::Tags) => tags.answer_request(&device, &payload).await.map(|_| ()),
+        Some(Internal::Shadow) => shadows.answer_request(&device).await,
+        Some(Internal::ShadowReported) => shadows.from_device(&device, ShadowSource::DeviceReported, &payload).await,
+        Some(Internal::ShadowUpdated) => shadows.from_device(&device, ShadowSource::DeviceUpdated, &payload).await,
+        _ => {
             metrics::counter!("iothub_upstream_rejected_total", "reason" => "unknown_internal").increment(1);
-            tracing::debug!(%device, resource = other, "internal resource not served");
+            tracing::debug!(%device, %resource, "internal resource not served");
             return;
         }
     };
@@ -892,7 +909,7 @@ mod tests {
         assert!(matches!(classify(publish("p/d", "m2m/p/e/d/m1", b"hi"), 5), Work::Skip("m2m")));
         match classify(publish("p/d", "rpc_resp/p/d/reboot/r1/m1", b"done"), 5) {
             Work::Feedback(CommandChange { request_id, transition: Transition::Replied { mode, at, .. }, .. }) => {
-                assert_eq!((request_id.as_str(), mode, at), ("r1", CommandMode::Rpc, 1_000));
+                assert_eq!((request_id.as_str(), mode, at), ("r1", CommandKind::Rpc, 1_000));
             }
             other => panic!("{other:?}"),
         }

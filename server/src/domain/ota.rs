@@ -7,13 +7,14 @@
 //! which also goes to `iothub.events.ota_progress`. Reaching 100 % only means *installed*: a target
 //! *succeeds* when the device's own status report says it runs the new version (`{type}_version`).
 
+use crate::topics::Internal;
 use std::sync::Arc;
 
 use crate::clock::now_ms;
 use crate::domain::commands::CommandService;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, DeviceRef, ProductId};
-use crate::model::commands::{CommandMode, NewCommand, PayloadFormat};
+use crate::model::commands::{CommandKind, NewCommand, PayloadFormat};
 use crate::model::events;
 use crate::model::ota::{NewRollout, OtaProgress, RolloutRecord, TargetRecord};
 use crate::model::store::{DeviceFilter, DeviceStatus};
@@ -174,8 +175,8 @@ impl OtaService {
             .map(|device| NewCommand {
                 device: DeviceRef::new(product.clone(), device.clone()),
                 request_id: id.clone(),
-                mode: CommandMode::Cmd,
-                name: "$ota_upgrade".into(),
+                mode: CommandKind::Cmd,
+                name: Internal::OtaUpgrade.as_str().into(),
                 format: PayloadFormat::Json,
                 payload: payload.clone(),
                 qos: 1,

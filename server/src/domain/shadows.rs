@@ -12,6 +12,7 @@
 //! its delta) to the device; every device message gets a `$shadow_reply` (`success`, or `version_conflict`
 //! with the current document so the device can retry — the reference IotHub's SDK dropped such reports).
 
+use crate::topics::Internal;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,8 @@ pub struct Shadow {
 }
 
 /// Which side changed, for events and replies.
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShadowSource {
     Api,
@@ -64,11 +67,7 @@ pub enum ShadowSource {
 
 impl ShadowSource {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ShadowSource::Api => "api",
-            ShadowSource::DeviceReported => "device_reported",
-            ShadowSource::DeviceUpdated => "device_updated",
-        }
+        self.into()
     }
 }
 
@@ -228,21 +227,21 @@ impl ShadowService {
         if !self.write(device, expected_version, &shadow, ShadowSource::Api).await? {
             return Err(Error::Conflict("the shadow changed meanwhile: read it again and retry".into()));
         }
-        self.push(device, "$update_shadow", shadow.view()).await;
+        self.push(device, Internal::UpdateShadow, shadow.view()).await;
         Ok(shadow)
     }
 
-    async fn push(&self, device: &DeviceRef, name: &str, body: Value) {
+    async fn push(&self, device: &DeviceRef, name: Internal, body: Value) {
         // QoS 0 as in the reference IotHub: the device asks (`$shadow`) whenever it (re)connects.
         if let Err(e) = self.commands.send_internal(device, name, body.to_string().into_bytes(), 0).await {
-            tracing::warn!(%device, name, error = %e, "shadow message not pushed; the device gets it when it asks");
+            tracing::warn!(%device, name = name.as_str(), error = %e, "shadow message not pushed; the device gets it when it asks");
         }
     }
 
     /// A device's `get/.../$shadow` request.
     pub async fn answer_request(&self, device: &DeviceRef) -> Result<()> {
         let shadow = self.get(device).await?;
-        self.commands.send_internal(device, "$update_shadow", shadow.view().to_string().into_bytes(), 0).await
+        self.commands.send_internal(device, Internal::UpdateShadow, shadow.view().to_string().into_bytes(), 0).await
     }
 
     /// A device's `$shadow_reported` / `$shadow_updated` message. Answers `$shadow_reply`.
@@ -273,7 +272,7 @@ impl ShadowService {
         };
         metrics::counter!("iothub_shadow_device_messages_total", "outcome" => if applied { "applied" } else { "conflict" })
             .increment(1);
-        self.push(device, "$shadow_reply", reply).await;
+        self.push(device, Internal::ShadowReply, reply).await;
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 //! version atomically and pushes `$set_tags {tags, tags_version}`; a device that was offline asks with
 //! `get/{p}/{d}/$tags/{msgId} {tags_version}` when it connects and is answered only if it is stale.
 
+use crate::topics::Internal;
 use std::sync::Arc;
 
 use crate::clock::now_ms;
@@ -65,7 +66,7 @@ impl TagService {
     }
 
     async fn push(&self, device: &DeviceRef, tags: &DeviceTags) {
-        if let Err(e) = self.commands.send_internal(device, "$set_tags", set_tags_payload(tags), 0).await {
+        if let Err(e) = self.commands.send_internal(device, Internal::SetTags, set_tags_payload(tags), 0).await {
             tracing::warn!(%device, error = %e, "$set_tags not pushed; the device gets it when it asks");
         }
     }
@@ -79,7 +80,7 @@ impl TagService {
             .unwrap_or(-1);
         let current = self.get(device).await?;
         if current.version != device_version {
-            self.commands.send_internal(device, "$set_tags", set_tags_payload(&current), 0).await?;
+            self.commands.send_internal(device, Internal::SetTags, set_tags_payload(&current), 0).await?;
             return Ok(true);
         }
         Ok(false)

@@ -3,33 +3,13 @@
 use crate::ids::{DeviceRef, ProductId};
 use crate::model::event_bus::BusEvent;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum CommandMode {
-    /// Fire and forget; the reply (if any) arrives on `cmd_resp`.
-    Cmd,
-    /// The caller waits for `rpc_resp`.
-    Rpc,
-}
-
-impl CommandMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CommandMode::Cmd => "cmd",
-            CommandMode::Rpc => "rpc",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "cmd" => Some(CommandMode::Cmd),
-            "rpc" => Some(CommandMode::Rpc),
-            _ => None,
-        }
-    }
-}
+/// A command is a `cmd` or an `rpc`: the protocol's own word for it.
+pub use iothub_protocol::topics::{CommandKind, Encoding};
 
 /// How the caller gave the payload. `base64` travels as base64 text with the topic's encoding level
 /// `base64` (devices decode it, as with the reference IotHub); `plain` and `json` travel as-is.
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
@@ -41,29 +21,22 @@ pub enum PayloadFormat {
 
 impl PayloadFormat {
     pub fn as_str(self) -> &'static str {
-        match self {
-            PayloadFormat::Plain => "plain",
-            PayloadFormat::Base64 => "base64",
-            PayloadFormat::Json => "json",
-        }
+        self.into()
     }
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "plain" => Some(PayloadFormat::Plain),
-            "base64" => Some(PayloadFormat::Base64),
-            "json" => Some(PayloadFormat::Json),
-            _ => None,
-        }
+        s.parse().ok()
     }
-    /// The topic's `{encoding}` level.
-    pub fn wire_encoding(self) -> &'static str {
+    /// How the payload travels: the topic's `{encoding}` level.
+    pub fn encoding(self) -> Encoding {
         match self {
-            PayloadFormat::Base64 => "base64",
-            PayloadFormat::Plain | PayloadFormat::Json => "plain",
+            PayloadFormat::Base64 => Encoding::Base64,
+            PayloadFormat::Plain | PayloadFormat::Json => Encoding::Plain,
         }
     }
 }
 
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
@@ -87,17 +60,10 @@ impl CommandState {
         CommandState::Failed,
     ];
     pub fn as_str(self) -> &'static str {
-        match self {
-            CommandState::Queued => "queued",
-            CommandState::Sent => "sent",
-            CommandState::Delivered => "delivered",
-            CommandState::Replied => "replied",
-            CommandState::Expired => "expired",
-            CommandState::Failed => "failed",
-        }
+        self.into()
     }
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
+        s.parse().ok()
     }
     pub fn is_terminal(self) -> bool {
         matches!(self, CommandState::Replied | CommandState::Expired | CommandState::Failed)
@@ -115,7 +81,7 @@ pub struct RetryPolicy {
 pub struct NewCommand {
     pub device: DeviceRef,
     pub request_id: String,
-    pub mode: CommandMode,
+    pub mode: CommandKind,
     pub name: String,
     pub format: PayloadFormat,
     /// The bytes the device gets (for `base64`, the decoded bytes; they travel re-encoded).
@@ -187,7 +153,7 @@ pub enum Refusal {
 pub struct CommandRecord {
     pub device: DeviceRef,
     pub request_id: String,
-    pub mode: CommandMode,
+    pub mode: CommandKind,
     pub name: String,
     pub format: PayloadFormat,
     pub payload: Vec<u8>,
@@ -242,7 +208,7 @@ pub enum Transition {
     /// operator forwards it, counts the same).
     Delivered { at: i64 },
     /// The device answered on `cmd_resp` / `rpc_resp` (must match the command's mode).
-    Replied { at: i64, mode: CommandMode, payload: Vec<u8>, message_id: String },
+    Replied { at: i64, mode: CommandKind, payload: Vec<u8>, message_id: String },
     /// Its TTL passed without a reply.
     Expired { at: i64 },
     /// The broker refused it for good (e.g. packet too large).

@@ -16,6 +16,8 @@ pub struct BusEvent {
 }
 
 /// One exchange per kind: `{prefix}.{kind}`.
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -42,19 +44,42 @@ impl EventKind {
     ];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::UploadData => "upload_data",
-            EventKind::UpdateStatus => "update_status",
-            EventKind::DeviceConnection => "device_connection",
-            EventKind::OtaProgress => "ota_progress",
-            EventKind::CommandState => "command_state",
-            EventKind::CmdResp => "cmd_resp",
-            EventKind::DataRequest => "data_request",
-            EventKind::Shadow => "shadow",
-        }
+        self.into()
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
+        s.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::commands::{CommandState, PayloadFormat};
+    use crate::model::event_bus::EventKind;
+    use crate::model::store::DeviceStatus;
+
+    /// The text stored and published for an enum is its JSON name: one spelling.
+    #[test]
+    fn stored_names_are_the_json_names() {
+        fn same<T: serde::Serialize>(value: T, text: &str) {
+            assert_eq!(serde_json::to_value(value).unwrap(), serde_json::json!(text));
+        }
+        for kind in EventKind::ALL {
+            same(kind, kind.as_str());
+            assert_eq!(EventKind::parse(kind.as_str()), Some(kind));
+        }
+        for state in CommandState::ALL {
+            same(state, state.as_str());
+            assert_eq!(CommandState::parse(state.as_str()), Some(state));
+        }
+        for format in [PayloadFormat::Plain, PayloadFormat::Base64, PayloadFormat::Json] {
+            same(format, format.as_str());
+            assert_eq!(PayloadFormat::parse(format.as_str()), Some(format));
+        }
+        for status in [DeviceStatus::Active, DeviceStatus::Suspended] {
+            same(status.clone(), status.as_str());
+            assert_eq!(DeviceStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(EventKind::parse("UploadData"), None);
     }
 }

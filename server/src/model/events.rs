@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::ids::DeviceRef;
 use crate::model::commands::CommandRecord;
 use crate::model::event_bus::{BusEvent, EventKind};
+use crate::model::store::ConnectionRecord;
 
 /// Namespace of the name-based (v5) event ids.
 const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b0e_5d4a_4c1e_9a7b_3e8d_1f20_c4a5);
@@ -111,17 +112,11 @@ pub struct ConnectionEvent {
     pub event: String,
     pub product_id: String,
     pub device_id: String,
-    pub client_id: String,
     /// Whether the device has any open session after this change.
     pub online: bool,
-    pub connected_at: Option<i64>,
-    pub disconnected_at: Option<i64>,
-    pub reason: Option<String>,
-    pub ip_address: Option<String>,
-    pub proto_ver: Option<i32>,
-    pub keepalive: Option<i32>,
-    pub clean_start: Option<bool>,
-    pub node: Option<String>,
+    /// The session after the change.
+    #[serde(flatten)]
+    pub session: ConnectionRecord,
 }
 
 impl ConnectionEvent {
@@ -334,7 +329,7 @@ mod tests {
         CommandRecord {
             device: dev(),
             request_id: "r".into(),
-            mode: CommandMode::Cmd,
+            mode: CommandKind::Cmd,
             name: "reboot".into(),
             format: PayloadFormat::Plain,
             payload: vec![],
@@ -377,16 +372,18 @@ mod tests {
                 event: "connected".into(),
                 product_id: String::new(),
                 device_id: String::new(),
-                client_id: String::new(),
                 online: true,
-                connected_at: None,
-                disconnected_at: None,
-                reason: None,
-                ip_address: None,
-                proto_ver: None,
-                keepalive: None,
-                clean_start: None,
-                node: None,
+                session: ConnectionRecord {
+                    client_id: String::new(),
+                    connected_at: None,
+                    disconnected_at: None,
+                    reason: None,
+                    ip_address: None,
+                    proto_ver: None,
+                    keepalive: None,
+                    clean_start: None,
+                    node: None,
+                },
             })
             .unwrap(),
             serde_json::from_slice(&command_state(&sample_command()).body).unwrap(),

@@ -14,16 +14,10 @@ pub struct NewRollout {
     pub md5: String,
 }
 
+/// A rollout as stored: what was pushed, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RolloutRecord {
-    pub id: String,
-    pub product: ProductId,
-    pub tag: Option<String>,
-    pub kind: String,
-    pub version: String,
-    pub url: String,
-    pub size: i64,
-    pub md5: String,
+    pub rollout: NewRollout,
     pub created_at: i64,
 }
 

@@ -4,6 +4,8 @@ use crate::ids::{DeviceId, DeviceRef, ProductId};
 use crate::model::event_bus::BusEvent;
 use crate::secrets::SecretHash;
 
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceStatus {
@@ -13,18 +15,11 @@ pub enum DeviceStatus {
 
 impl DeviceStatus {
     pub fn as_str(&self) -> &'static str {
-        match self {
-            DeviceStatus::Active => "active",
-            DeviceStatus::Suspended => "suspended",
-        }
+        self.into()
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "active" => Some(DeviceStatus::Active),
-            "suspended" => Some(DeviceStatus::Suspended),
-            _ => None,
-        }
+        s.parse().ok()
     }
 }
 
@@ -115,6 +110,8 @@ pub struct NewMessage {
     pub event: BusEvent,
 }
 
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReportKind {
     Status,
@@ -123,10 +120,7 @@ pub enum ReportKind {
 
 impl ReportKind {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ReportKind::Status => "status",
-            ReportKind::Ota => "ota",
-        }
+        self.into()
     }
 }
 
@@ -215,12 +209,13 @@ pub struct IngestOutcome {
     pub presence_applied: usize,
 }
 
-/// One broker session of a device, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One broker session of a device, as stored (and as the API and the connection events show it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ConnectionRecord {
     pub client_id: String,
     pub connected_at: Option<i64>,
     pub disconnected_at: Option<i64>,
+    /// Broker's disconnect reason (e.g. `normal`, `kicked`, `takenover`, `keepalive_timeout`).
     pub reason: Option<String>,
     pub ip_address: Option<String>,
     pub proto_ver: Option<i32>,

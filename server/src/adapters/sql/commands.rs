@@ -218,6 +218,14 @@ fn key_of(c: &CommandChange) -> (&str, &str, &str) {
     (c.device.product.as_str(), c.device.device.as_str(), c.request_id.as_str())
 }
 
+/// A group of commands to log, with the `queued` event each gets and when they are logged.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    commands: &'a [NewCommand],
+    queued_event: QueuedEvent<'a>,
+    now: i64,
+}
+
 /// What set-based statements already did, by position in lock order: `Some(None)` for a change that was
 /// handled there (or skipped) without effect.
 type AppliedEarly = HashMap<usize, Option<CommandRecord>>;
@@ -232,7 +240,7 @@ for_each_backend! {
         Ok(CommandRecord {
             device: stored_device(r.try_get("product_id")?, r.try_get("device_id")?)?,
             request_id: r.try_get("request_id")?,
-            mode: stored("command mode", r.try_get("mode")?, CommandMode::parse)?,
+            mode: stored("command mode", r.try_get("mode")?, CommandKind::parse)?,
             name: r.try_get("name")?,
             format: stored("payload format", r.try_get("payload_format")?, PayloadFormat::parse)?,
             payload: r.try_get("payload")?,
@@ -330,7 +338,7 @@ for_each_backend! {
             if commands.is_empty() {
                 return Ok(Vec::new());
             }
-            self.insert_batch(commands, queued_event, now).await
+            self.insert_batch(Batch { commands, queued_event, now }).await
         }
 
         #[tracing::instrument(skip(self), name = "sql.get_command")]
@@ -617,16 +625,11 @@ fn set_based(ordered: &[&CommandChange]) -> (Vec<usize>, Vec<usize>, HashSet<usi
 impl PgStore {
     /// A device deleted between the batch statement's read of it and its foreign-key check fails the whole
     /// statement; the second attempt no longer sees that device.
-    async fn insert_batch(
-        &self,
-        commands: &[NewCommand],
-        queued_event: QueuedEvent<'_>,
-        now: i64,
-    ) -> Result<Vec<Result<Inserted>>> {
+    async fn insert_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<Inserted>>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.insert_batch_once(commands, queued_event, now).await {
+            match self.insert_batch_once(batch).await {
                 Err(Error::Internal(e))
                     if attempt == 1
                         && e.downcast_ref::<sqlx::Error>()
@@ -640,13 +643,9 @@ impl PgStore {
         }
     }
 
-    async fn insert_batch_once(
-        &self,
-        commands: &[NewCommand],
-        queued_event: QueuedEvent<'_>,
-        now: i64,
-    ) -> Result<Vec<Result<Inserted>>> {
-        let all_rpc = commands.iter().all(|c| c.mode == CommandMode::Rpc);
+    async fn insert_batch_once(&self, batch: Batch<'_>) -> Result<Vec<Result<Inserted>>> {
+        let Batch { commands, queued_event, now } = batch;
+        let all_rpc = commands.iter().all(|c| c.mode == CommandKind::Rpc);
         let pool = self.pool_for(if all_rpc { Durability::Relaxed } else { Durability::Required });
         let events: Vec<BusEvent> = commands.iter().map(|c| queued_event(&c.queued_record(now))).collect();
         let column = |f: &dyn Fn(&NewCommand) -> &str| commands.iter().map(f).collect::<Vec<&str>>();
@@ -846,12 +845,8 @@ impl PgStore {
 impl SqliteStore {
     /// One writer: each command is inserted with the device check, and a command not written is explained
     /// by a look at its key and device that nothing can change in between.
-    async fn insert_batch(
-        &self,
-        commands: &[NewCommand],
-        queued_event: QueuedEvent<'_>,
-        now: i64,
-    ) -> Result<Vec<Result<Inserted>>> {
+    async fn insert_batch(&self, batch: Batch<'_>) -> Result<Vec<Result<Inserted>>> {
+        let Batch { commands, queued_event, now } = batch;
         let mut tx = self.write().begin().await?;
         let mut out = Vec::with_capacity(commands.len());
         let mut events = Vec::new();
@@ -972,7 +967,7 @@ mod tests {
 
     #[test]
     fn only_first_changes_are_set_based_and_repeated_delivery_reports_are_skipped() {
-        let replied = Transition::Replied { at: 3, mode: CommandMode::Cmd, payload: vec![], message_id: "m".into() };
+        let replied = Transition::Replied { at: 3, mode: CommandKind::Cmd, payload: vec![], message_id: "m".into() };
         let changes = [
             change("a", Transition::Delivered { at: 1 }),
             change("a", Transition::Delivered { at: 2 }),

@@ -11,7 +11,7 @@ use sqlx::Row;
 use super::{for_each_backend, stored_device, PgStore, SqliteStore};
 use crate::error::{Error, Result};
 use crate::ids::{DeviceRef, ProductId};
-use crate::model::ota::{OtaProgress, RolloutRecord, TargetRecord};
+use crate::model::ota::{NewRollout, OtaProgress, RolloutRecord, TargetRecord};
 use crate::ports::ota::OtaStore;
 
 macro_rules! rollout_columns {
@@ -95,7 +95,7 @@ for_each_backend! {
 
     fn rollout_row(r: &DbRow) -> Result<RolloutRecord> {
         let product: String = r.try_get("product_id")?;
-        Ok(RolloutRecord {
+        let rollout = NewRollout {
             id: r.try_get("id")?,
             product: ProductId::parse(product).map_err(|e| Error::Internal(anyhow::anyhow!("stored id: {e}")))?,
             tag: r.try_get("tag")?,
@@ -104,8 +104,8 @@ for_each_backend! {
             url: r.try_get("url")?,
             size: r.try_get("size")?,
             md5: r.try_get("md5")?,
-            created_at: r.try_get("created_at")?,
-        })
+        };
+        Ok(RolloutRecord { rollout, created_at: r.try_get("created_at")? })
     }
 
     fn target_row(r: &DbRow) -> Result<TargetRecord> {

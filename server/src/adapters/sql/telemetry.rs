@@ -444,18 +444,17 @@ impl SqliteStore {
         if exists.is_none() {
             return Ok(None);
         }
+        let (PresenceChange::Connected { client_id, session_key, ip_address, node, .. }
+        | PresenceChange::Disconnected { client_id, session_key, ip_address, node, .. }) = change;
+        let session = |statement: &'static str| {
+            sqlx::query(statement)
+                .bind(device.product.as_str())
+                .bind(device.device.as_str())
+                .bind(client_id)
+                .bind(session_key)
+        };
         let merged = match change {
-            PresenceChange::Connected {
-                client_id,
-                session_key,
-                connected_at,
-                ip_address,
-                proto_ver,
-                keepalive,
-                clean_start,
-                node,
-                ..
-            } => {
+            PresenceChange::Connected { connected_at, proto_ver, keepalive, clean_start, .. } => {
                 const PRUNE: &str = prune_sessions!(
                     "DELETE FROM device_connections AS c WHERE c.product_id = $1 AND c.device_id = $2 AND",
                     "$3"
@@ -466,11 +465,7 @@ impl SqliteStore {
                     .bind(connected_at - SESSION_RETENTION_MS)
                     .execute(&mut **tx)
                     .await?;
-                sqlx::query(CONNECTED)
-                    .bind(device.product.as_str())
-                    .bind(device.device.as_str())
-                    .bind(client_id)
-                    .bind(session_key)
+                session(CONNECTED)
                     .bind(connected_at)
                     .bind(ip_address)
                     .bind(proto_ver)
@@ -480,21 +475,8 @@ impl SqliteStore {
                     .fetch_optional(&mut **tx)
                     .await?
             }
-            PresenceChange::Disconnected {
-                client_id,
-                session_key,
-                connected_at,
-                disconnected_at,
-                reason,
-                ip_address,
-                node,
-                ..
-            } => {
-                sqlx::query(DISCONNECTED)
-                    .bind(device.product.as_str())
-                    .bind(device.device.as_str())
-                    .bind(client_id)
-                    .bind(session_key)
+            PresenceChange::Disconnected { connected_at, disconnected_at, reason, .. } => {
+                session(DISCONNECTED)
                     .bind(connected_at)
                     .bind(disconnected_at)
                     .bind(reason)
@@ -553,16 +535,8 @@ for_each_backend! {
             event: event.to_string(),
             product_id: device.product.to_string(),
             device_id: device.device.to_string(),
-            client_id: session.client_id,
             online,
-            connected_at: session.connected_at,
-            disconnected_at: session.disconnected_at,
-            reason: session.reason,
-            ip_address: session.ip_address,
-            proto_ver: session.proto_ver,
-            keepalive: session.keepalive,
-            clean_start: session.clean_start,
-            node: session.node,
+            session,
         }
         .into_bus_event(device))
     }
