@@ -5,7 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::ports::replies::{Reply, ReplyHub, ReplyWaiter, Waiters};
+use crate::model::replies::{Reply, ReplyWaiter, Waiters};
+use crate::ports::replies::ReplyHub;
 
 #[derive(Default)]
 pub struct MemoryReplies {

@@ -14,7 +14,8 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 
 use crate::error::{Error, Result};
-use crate::ports::replies::{Reply, ReplyHub, ReplyWaiter, Waiters};
+use crate::model::replies::{Reply, ReplyWaiter, Waiters};
+use crate::ports::replies::ReplyHub;
 
 pub struct RedisReplies {
     conn: ConnectionManager,

@@ -31,10 +31,11 @@ use crate::model::broker::{OutboundMessage, Published};
 use crate::model::commands::*;
 use crate::model::event_bus::BusEvent;
 use crate::model::events;
+use crate::model::replies::{reply_key, Reply};
 use crate::model::store::{DeviceFilter, DeviceStatus};
 use crate::ports::broker::BrokerApi;
 use crate::ports::commands::*;
-use crate::ports::replies::{reply_key, Reply, ReplyHub};
+use crate::ports::replies::ReplyHub;
 use crate::ports::store::Store;
 use crate::topics::{command_topic, is_internal_name, is_name, tag_command_topic, Internal};
 

@@ -10,5 +10,6 @@ pub mod events;
 pub mod json;
 pub mod kicks;
 pub mod ota;
+pub mod replies;
 pub mod store;
 pub mod tags;
